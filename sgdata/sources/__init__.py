@@ -1,0 +1,1 @@
+"""Sources read raw inputs (refer-toolkit annotations, caption folders or tables) into a `SourcePlan`."""
