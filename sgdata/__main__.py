@@ -1,0 +1,5 @@
+"""`python -m sgdata ...` runs the `sgdata` command line."""
+
+from sgdata.cli import main
+
+main()

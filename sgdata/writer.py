@@ -1,0 +1,242 @@
+"""Write one output shard: a WebDataset tar plus its part record, both atomically.
+
+Completion rule (what resume and verify rely on): a shard is complete when its tar
+`OUT/<split>/<split>-NNNNNN.tar` AND its part `OUT/<split>/parts/<split>-NNNNNN.json` both exist
+under their final names and the part's `bytes` equals the tar's size. Order of the steps:
+
+1. the tar is written under a temporary name (`.<name>.tmp-<host>-<pid>`), flushed and fsynced;
+2. the part (manifest rows, failures, counts, sha256 of the tar) is written the same way and
+   renamed to its final name;
+3. the tar is renamed to its final name, then the directories are fsynced.
+
+A kill between 2 and 3 leaves a part without a tar: the shard counts as missing and is redone.
+A partial tar can never appear under its final name because rename is atomic.
+
+The tar bytes depend only on the task's specs and options: POSIX (pax) format (admits long and
+non-ASCII names), fixed mtime (0), uid/gid 0, empty user/group names, mode 0444, members in spec
+order and, within a sample, in sorted extension order (webdataset's TarWriter order). It is written
+with `tarfile` directly: importing webdataset pulls in torch, which would cost every Ray worker
+seconds and hundreds of MB for nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from sgdata.sources.base import Failure, Finalized, SampleError, SampleSpec
+
+TMP_MARK = ".tmp-"  # temporaries are hidden files named `.<final name>.tmp-<host>-<pid>`
+SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
+
+
+@dataclass
+class ShardTask:
+    """One unit of parallel work: the specs of one output shard (plain data, pickles into a Ray task)."""
+
+    split: str
+    index: int
+    specs: list[SampleSpec]
+    out_dir: str  # the dataset root OUT (the shard goes to OUT/<split>/)
+    kind: str  # the source kind, handed to make_sample
+    options: Any  # sgdata.samples.SampleOptions
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_path(out_dir: str | Path, split: str, index: int) -> Path:
+    return Path(out_dir) / split / shard_name(split, index)
+
+
+def part_path(out_dir: str | Path, split: str, index: int) -> Path:
+    return Path(out_dir) / split / "parts" / f"{split}-{index:06d}.json"
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and TMP_MARK in name
+
+
+def specs_digest(specs: list[SampleSpec]) -> str:
+    """A fingerprint of what a shard was planned to hold; resume redoes a shard whose plan changed."""
+    h = hashlib.sha256()
+    for spec in specs:
+        h.update(json.dumps([spec.key, spec.image_path, spec.record], sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def shard_is_complete(out_dir: str | Path, split: str, index: int, digest: str | None = None) -> bool:
+    """True when tar and part exist, the part's byte count matches the tar and (if given) the plan digest."""
+    tar, part = shard_path(out_dir, split, index), part_path(out_dir, split, index)
+    if not (tar.is_file() and part.is_file()):
+        return False
+    try:
+        record = json.loads(part.read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("bytes") != tar.stat().st_size:
+        return False
+    return digest is None or record.get("specs_digest") == digest
+
+
+def temporary_name(final: Path) -> Path:
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+    return final.with_name(f".{final.name}{TMP_MARK}{host}-{os.getpid()}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what goes through it (one pass over the bytes)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    """A tar header that depends on name and size only (reproducible bytes)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _default_make_sample(kind: str, spec: SampleSpec, options: Any) -> Finalized:
+    from sgdata.samples import make_sample  # imported late: writer tests inject their own
+
+    return make_sample(kind, spec, options)
+
+
+def _manifest_row(key: str, shard: str, fin: Finalized) -> dict[str, Any]:
+    width, height = getattr(fin, "width", None), getattr(fin, "height", None)
+    if (width is None or height is None) and "json" in fin.files:
+        meta = json.loads(fin.files["json"])  # both sample kinds record the stored size in their json
+        width, height = meta.get("width"), meta.get("height")
+    return {
+        "key": key,
+        "shard": shard,
+        "source_id": str(fin.source_id),
+        "width": int(width) if width is not None else -1,
+        "height": int(height) if height is not None else -1,
+        "num_texts": len(fin.texts),
+        "texts": list(fin.texts),
+    }
+
+
+def write_shard(
+    task: ShardTask,
+    make_sample: Callable[[str, SampleSpec, Any], Finalized] = _default_make_sample,
+) -> dict[str, Any]:
+    """Produce the shard of `task` and return its part record (also written to the parts folder).
+
+    A `SampleError` skips that sample and becomes a failure entry; any other exception is a bug or
+    an infrastructure fault and propagates, so the runner retries the whole shard.
+    """
+    start = time.perf_counter()
+    name = shard_name(task.split, task.index)
+    final_tar = shard_path(task.out_dir, task.split, task.index)
+    final_part = part_path(task.out_dir, task.split, task.index)
+    final_part.parent.mkdir(parents=True, exist_ok=True)
+    tmp_tar = temporary_name(final_tar)
+
+    rows: list[dict[str, Any]] = []
+    failures: list[Failure] = []
+    extensions: list[str] | None = None
+    try:
+        with open(tmp_tar, "wb") as raw:
+            hashing = _HashingFile(raw)
+            tar = tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT)
+            for spec in task.specs:
+                assert "." not in spec.key, f"sample key {spec.key!r} contains a dot"
+                try:
+                    fin = make_sample(task.kind, spec, task.options)
+                except SampleError as e:
+                    failures.append(Failure(spec.image_path, e.reason, e.detail, task.split))
+                    continue
+                exts = sorted(fin.files)
+                if extensions is None:
+                    extensions = exts
+                elif exts != extensions:  # HF datasets infers columns from the first samples
+                    raise ValueError(f"sample {spec.key} has extensions {exts}, shard has {extensions}")
+                for ext in exts:
+                    tar.addfile(_member(f"{spec.key}.{ext}", len(fin.files[ext])), io.BytesIO(fin.files[ext]))
+                rows.append(_manifest_row(spec.key, name, fin))
+                for failure in fin.failures:
+                    failure.split = failure.split or task.split
+                    failures.append(failure)
+            tar.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        record = {
+            "split": task.split,
+            "index": task.index,
+            "shard": name,
+            "specs_digest": specs_digest(task.specs),
+            "planned": len(task.specs),
+            "samples": len(rows),
+            "texts": sum(r["num_texts"] for r in rows),
+            "extensions": extensions or [],
+            "bytes": hashing.size,
+            "sha256": hashing.sha.hexdigest(),
+            "seconds": round(time.perf_counter() - start, 4),
+            "rows": rows,
+            "failures": [f.to_json() for f in failures],
+        }
+        write_json_atomic(final_part, record)
+        os.replace(tmp_tar, final_tar)
+    finally:
+        if tmp_tar.exists():
+            tmp_tar.unlink()
+    _fsync_dir(final_part.parent)
+    _fsync_dir(final_tar.parent)
+    return record
