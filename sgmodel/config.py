@@ -80,6 +80,7 @@ class Config:
     shuffle_buffer: int = 1000
     workers: int = 2  # dataloader worker processes per rank
     feature_cache: str = ""  # frozen-encoder feature cache folder; "" = ~/.cache/sgmodel/features
+    cache_features: bool = True  # frozen encoders run once per sample (cached), not once per epoch
 
     # ---- optimisation --------------------------------------------------------------------------
     batch_size: int = 32  # images per rank per step
