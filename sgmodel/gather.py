@@ -1,0 +1,83 @@
+"""Gather: a phrase picks the entities it is about (DESIGN §2).
+
+One pre-norm cross-attention layer: the text embedding is the query, an image's K slots are keys and
+values; then a GELU feed-forward, a final LayerNorm and L2 normalisation give the fused vector
+z(I, T). The attention weights w (K,), averaged over heads, say which slots the phrase selects;
+inference combines the slot maps with them.
+
+Training needs z for every (image, text) pair of the batch: each text query attends to each image
+independently, so all B x T pairs are one fused SDPA call with queries (B, H, T, hd) against keys
+(B, H, K, hd) — no B*T-sized copy of the slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgmodel.config import Config
+from sgmodel.shatter import FeedForward
+
+
+class TextGather(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        d = cfg.dim
+        self.heads, self.head_dim = cfg.gather_heads, cfg.gather_head_dim
+        inner = self.heads * self.head_dim
+        self.query_residual = cfg.gather_query_residual
+        self.norm_query = nn.LayerNorm(d)
+        self.norm_slots = nn.LayerNorm(d)
+        self.to_q = nn.Linear(d, inner, bias=False)
+        self.to_k = nn.Linear(d, inner, bias=False)
+        self.to_v = nn.Linear(d, inner, bias=False)
+        self.out = nn.Linear(inner, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm_ffn = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, cfg.mlp_ratio, cfg.dropout)
+        self.norm_final = nn.LayerNorm(d)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        slots: torch.Tensor,
+        text_image_index: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """text (T, d), slots (B, K, d).
+
+        text_image_index None (training): every pair -> z (B, T, d), w (B, T, K) or None.
+        text_image_index (T,) given (inference): each text with its own image only -> z (T, d), w (T, K).
+        Weights are computed explicitly (same math as SDPA) only when asked for.
+        """
+        t, b, k = text.shape[0], slots.shape[0], slots.shape[1]
+        h, hd = self.heads, self.head_dim
+        q = self.to_q(self.norm_query(text)).view(t, h, hd)  # (T, H, hd)
+        kv = self.norm_slots(slots)
+        keys = self.to_k(kv).view(b, k, h, hd).transpose(1, 2)  # (B, H, K, hd)
+        values = self.to_v(kv).view(b, k, h, hd).transpose(1, 2)  # (B, H, K, hd)
+        if text_image_index is None:
+            q = q.transpose(0, 1).unsqueeze(0).expand(b, h, t, hd)  # (B, H, T, hd): all pairs
+        else:
+            q = q.unsqueeze(2)  # (T, H, 1, hd)
+            keys, values = keys[text_image_index], values[text_image_index]  # (T, H, K, hd)
+
+        weights = None
+        if return_weights:
+            probs = ((q @ keys.transpose(-1, -2)) * hd**-0.5).float().softmax(dim=-1)  # (.., H, Tq, K)
+            fused = probs.to(values.dtype) @ values  # (.., H, Tq, hd)
+            weights = probs.mean(dim=1)  # (B, T, K) or (T, 1, K)
+        else:
+            fused = F.scaled_dot_product_attention(q, keys, values)  # (.., H, Tq, hd)
+        fused = fused.transpose(1, 2).reshape(fused.shape[0], fused.shape[2], h * hd)  # (B, T, inner) | (T, 1, inner)
+
+        x = self.dropout(self.out(fused))  # (B, T, d) | (T, 1, d)
+        if text_image_index is not None:
+            x = x.squeeze(1)  # (T, d)
+            weights = weights.squeeze(1) if weights is not None else None  # (T, K)
+        if self.query_residual:
+            x = x + text  # broadcasts over B in the all-pairs case
+        x = x + self.ffn(self.norm_ffn(x))
+        z = F.normalize(self.norm_final(x), dim=-1)
+        return z, weights

@@ -1,0 +1,67 @@
+"""The two training losses (DESIGN §2) and the false-negative mask the contrastive loss can use."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def contrastive_loss(
+    text_emb: torch.Tensor,
+    z: torch.Tensor,
+    text_image_index: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    same_text_mask: torch.Tensor | None = None,
+    image_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over images for each text; returns (loss, accuracy).
+
+    text_emb (T, d): the phrase embeddings t_j (detached here: the text side learns through z).
+    z (B_all, T, d): fused vectors z(I_i, T_j) for every image i of B_all (all ranks' images when
+        negatives are gathered) and every local text j.
+    text_image_index (T,): the local image of each text; its column is image_offset + index. Several
+        texts of one image are each a positive for that image.
+    same_text_mask (T, B_all) bool or None: True where image i must not serve as a negative for text j
+        (it carries the identical phrase, or it is padding); the positive is never masked.
+    """
+    logits = torch.einsum("td,btd->tb", text_emb.detach(), z).float() * logit_scale  # (T, B_all)
+    target = text_image_index.to(logits.device) + image_offset  # (T,)
+    if same_text_mask is not None:
+        excluded = same_text_mask.to(logits.device, torch.bool).clone()
+        excluded[torch.arange(len(target), device=logits.device), target] = False
+        logits = logits.masked_fill(excluded, float("-inf"))
+    loss = F.cross_entropy(logits, target)
+    accuracy = (logits.detach().argmax(dim=1) == target).float().mean()
+    return loss, accuracy
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE against the detached backbone tokens: the decoder must not pull the encoder toward easy targets."""
+    return F.mse_loss(recon.float(), target.detach().float())
+
+
+def normalize_phrase(text: str) -> str:
+    """Case and whitespace do not make two phrases different."""
+    return " ".join(text.lower().split())
+
+
+def duplicate_phrase_mask(texts: list[str], image_texts: list[list[str]]) -> torch.Tensor:
+    """(T, B_all) bool: True where image i carries the same phrase as text j.
+
+    Small vocabularies (e.g. synthetic "the red circle") make such false negatives frequent; the
+    contrastive loss drops them from the negatives (the positive itself is kept there).
+    """
+    vocab: dict[str, int] = {}
+    text_ids = torch.tensor([vocab.setdefault(normalize_phrase(t), len(vocab)) for t in texts], dtype=torch.long)
+    pair_images, pair_ids = [], []
+    for i, phrases in enumerate(image_texts):
+        for phrase in set(map(normalize_phrase, phrases)):
+            if phrase in vocab:  # phrases no local text uses cannot match
+                pair_images.append(i)
+                pair_ids.append(vocab[phrase])
+    mask = torch.zeros(len(texts), len(image_texts), dtype=torch.bool)
+    if pair_ids:
+        matches = text_ids[:, None] == torch.tensor(pair_ids)[None, :]  # (T, P)
+        rows, cols = matches.nonzero(as_tuple=True)
+        mask[rows, torch.tensor(pair_images)[cols]] = True
+    return mask

@@ -1,0 +1,221 @@
+"""ShatterAndGather: encoders -> shatter (slots, entity maps) -> gather (text-conditioned fusion).
+
+forward(batch) returns the training losses, infer(batch) the response maps. The batch format is the
+table in docs/architecture.md: B images (or their cached tokens), T phrases (or their cached
+features), and `text_image_index` tying each phrase to its image.
+
+Switches measured to matter at small scale (DESIGN §7; defaults stay the paper's):
+standardize_features (per-channel standardised tokens, input and reconstruction target),
+normalize_text + learn_logit_scale/logit_scale, gather_query_residual=False (z from the slots only),
+drop_duplicate_negatives (other images carrying the identical phrase are not negatives).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sgdata.errors import UserError
+from sgmodel import distributed
+from sgmodel.config import Config
+from sgmodel.decoder import SpatialBroadcastDecoder
+from sgmodel.encoders import build_image_encoder, build_text_encoder, build_tokenizer
+from sgmodel.gather import TextGather
+from sgmodel.inference import combine_slot_maps
+from sgmodel.losses import contrastive_loss, duplicate_phrase_mask, reconstruction_loss
+from sgmodel.shatter import EntitySlotAttention
+
+MAX_LOGIT_SCALE = 100.0
+NO_DECAY_NAMES = ("slot_mu", "slot_logvar", "log_logit_scale")  # slot Gaussians, temperature
+NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding)
+
+
+class ShatterAndGather(nn.Module):
+    def __init__(self, cfg: Config, tokenizer=None):
+        super().__init__()
+        if cfg.logit_scale <= 0:
+            raise UserError(f"logit_scale must be positive, got {cfg.logit_scale}")
+        self.cfg = cfg
+        self.image_encoder = build_image_encoder(cfg)
+        self.text_encoder = build_text_encoder(cfg, tokenizer if tokenizer is not None else build_tokenizer(cfg))
+        channels = self.image_encoder.out_dim
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
+        self.shatter = EntitySlotAttention(cfg, channels)
+        self.text_proj = nn.Linear(self.text_encoder.out_dim, cfg.dim)  # "[CLS] -> linear layer to d"
+        self.gather = TextGather(cfg)
+        self.decoder = SpatialBroadcastDecoder(cfg, channels) if cfg.recon_weight > 0 else None
+        log_scale = torch.tensor(math.log(cfg.logit_scale))
+        if cfg.learn_logit_scale:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel statistics of the raw encoder tokens (from the data), used when standardize_features."""
+        mean, std = torch.as_tensor(mean).flatten(), torch.as_tensor(std).flatten()
+        channels = self.feature_mean.numel()
+        if mean.numel() != channels or std.numel() != channels:
+            raise UserError(f"feature statistics have {mean.numel()} channels but the image encoder gives {channels}")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp(min=1e-6))
+
+    def image_tokens(self, batch: dict) -> torch.Tensor:
+        """(B, N, C): cached tokens when the batch has them, else the encoder on the images; standardised if configured."""
+        if "image_tokens" in batch:
+            tokens = batch["image_tokens"].to(self.feature_mean.device, self.feature_mean.dtype)
+        else:
+            tokens = self.image_encoder(batch["images"])
+        if self.cfg.standardize_features:
+            tokens = (tokens - self.feature_mean.to(tokens.dtype)) / self.feature_std.to(tokens.dtype)
+        return tokens
+
+    def token_grid(self, batch: dict, num_tokens: int) -> tuple[int, int]:
+        """The (h, w) grid of the tokens: from the images' size, or the configured size for cached tokens."""
+        size = tuple(batch["images"].shape[-2:]) if "images" in batch else tuple(self.cfg.image_size)
+        grid = self.image_encoder.grid_size(size)
+        if grid[0] * grid[1] != num_tokens:
+            raise UserError(
+                f"the image tokens hold {num_tokens} positions but {self.image_encoder.identity()} gives a "
+                f"{grid[0]}x{grid[1]} grid; the cached features were made for another encoder or image size"
+            )
+        return grid
+
+    def text_features(self, batch: dict) -> torch.Tensor:
+        """(T, Ct): cached phrase features when the batch has them, else the text encoder."""
+        if "text_feats" in batch:
+            return batch["text_feats"].to(self.text_proj.weight.device, self.text_proj.weight.dtype)
+        return self.text_encoder(batch["input_ids"], batch["attention_mask"])
+
+    def text_embedding(self, batch: dict) -> torch.Tensor:
+        t = self.text_proj(self.text_features(batch))  # (T, d)
+        return nn.functional.normalize(t, dim=-1) if self.cfg.normalize_text else t
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        tokens = self.image_tokens(batch)  # (B, N, C)
+        grid = self.token_grid(batch, tokens.shape[1])
+        slots, _ = self.shatter(tokens, grid)  # (B, K, d)
+        text = self.text_embedding(batch)  # (T, d)
+        index = batch["text_image_index"].to(text.device)
+        negatives, offset, excluded = self._negatives(slots, batch)
+        z, _ = self.gather(text, negatives)  # (B_all, T, d)
+        scale = self.logit_scale()
+        contrastive, accuracy = contrastive_loss(text, z, index, scale, excluded, offset)
+        if self.decoder is not None:
+            recon, _ = self.decoder(slots, grid)
+            reconstruction = reconstruction_loss(recon, tokens)
+        else:
+            reconstruction = contrastive.new_zeros(())
+        loss = contrastive + self.cfg.recon_weight * reconstruction
+        return {
+            "loss": loss,
+            "contrastive": contrastive.detach(),
+            "reconstruction": reconstruction.detach(),
+            "accuracy": accuracy,
+            "logit_scale": scale.detach(),
+        }
+
+    def _negatives(self, slots: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """The images every local text is contrasted with: (slots (B_all, K, d), local offset, excluded mask).
+
+        With gather_negatives under DDP, every rank's slots join (ranks padded to the same B; padding
+        columns are excluded). The excluded mask (T, B_all) also drops duplicate-phrase negatives.
+        """
+        b = slots.shape[0]
+        dedup = self.cfg.drop_duplicate_negatives
+        image_texts = (batch.get("image_texts") or _texts_per_image(batch, b)) if dedup else []
+        if not (self.cfg.gather_negatives and distributed.get_world_size() > 1):
+            excluded = duplicate_phrase_mask(batch["texts"], image_texts).to(slots.device) if dedup else None
+            return slots, 0, excluded
+        sizes = [int(s) for s in distributed.all_gather_object(b)]
+        padded_b = max(sizes)
+        padded = torch.cat([slots, slots.new_zeros(padded_b - b, *slots.shape[1:])]) if padded_b > b else slots
+        gathered, _ = distributed.all_gather_with_grad(padded)
+        offset = distributed.get_rank() * padded_b
+        valid = torch.zeros(len(sizes) * padded_b, dtype=torch.bool)
+        for rank, size in enumerate(sizes):
+            valid[rank * padded_b : rank * padded_b + size] = True
+        excluded = ~valid.expand(len(batch["texts"]), -1)  # (T, B_all)
+        if dedup:
+            all_texts: list[list[str]] = []
+            for rank_texts in distributed.all_gather_object(image_texts):
+                all_texts += list(rank_texts) + [[]] * (padded_b - len(rank_texts))
+            excluded = excluded | duplicate_phrase_mask(batch["texts"], all_texts)
+        return gathered, offset, excluded.to(slots.device)
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def infer(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Response maps on the token grid: maps (T, h, w) = Σ_k w[t,k]·A[img(t),k], slot_maps (B, K, h, w), weights (T, K).
+
+        Runs in eval mode with the fixed slot noise, so a phrase's map does not depend on the batch it
+        came in or on the call: evaluation is reproducible.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = self.image_tokens(batch)  # (B, N, C)
+            grid = self.token_grid(batch, tokens.shape[1])
+            slots, attn = self.shatter(tokens, grid, deterministic=True)  # (B, K, d), (B, K, N)
+            text = self.text_embedding(batch)  # (T, d)
+            index = batch["text_image_index"].to(text.device)
+            _, weights = self.gather(text, slots, text_image_index=index, return_weights=True)  # (T, K)
+        finally:
+            self.train(was_training)
+        slot_maps = attn.float().view(attn.shape[0], attn.shape[1], *grid)  # (B, K, h, w)
+        maps = combine_slot_maps(weights.float(), slot_maps, index)  # (T, h, w)
+        return {"maps": maps, "slot_maps": slot_maps, "weights": weights.float()}
+
+    # ---- optimiser -----------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: encoders at backbone_lr_scale × lr; no weight decay on biases, norms,
+        embeddings, the slot Gaussians and the temperature. Frozen parameters are left out."""
+        encoder_ids = {id(p) for enc in (self.image_encoder, self.text_encoder) for p in enc.parameters()}
+        no_decay_ids = set()
+        for module_name, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}" if module_name else name
+                if (
+                    p.ndim <= 1
+                    or isinstance(module, NO_DECAY_MODULES)
+                    or "embedding" in full
+                    or full.endswith(("cls_token", "mask_token"))
+                    or name in NO_DECAY_NAMES
+                ):
+                    no_decay_ids.add(id(p))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault((id(p) in encoder_ids, id(p) in no_decay_ids), []).append(p)
+        out = []
+        for (is_encoder, no_decay), params in sorted(groups.items()):
+            scale = self.cfg.backbone_lr_scale if is_encoder else 1.0
+            out.append(
+                {
+                    "name": f"{'encoders' if is_encoder else 'head'}{'_no_decay' if no_decay else ''}",
+                    "params": params,
+                    "lr": self.cfg.lr * scale,
+                    "lr_scale": scale,
+                    "weight_decay": 0.0 if no_decay else self.cfg.weight_decay,
+                }
+            )
+        return out
+
+
+def _texts_per_image(batch: dict, num_images: int) -> list[list[str]]:
+    """The phrases of each image in this batch (when the batch carries no fuller per-image list)."""
+    out: list[list[str]] = [[] for _ in range(num_images)]
+    for text, image in zip(batch["texts"], batch["text_image_index"].tolist()):
+        out[image].append(text)
+    return out

@@ -1,0 +1,118 @@
+"""The batched metrics agree with a straightforward per-sample numpy computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sgmodel.metrics import PRECISION_THRESHOLDS, MetricAccumulator
+
+
+def bilinear_resize(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Half-pixel-centre bilinear resize, written out (source coordinates clamped at the borders)."""
+    h, w = grid.shape
+    out = np.zeros((height, width))
+    for y in range(height):
+        sy = max((y + 0.5) * h / height - 0.5, 0.0)
+        y0 = min(int(np.floor(sy)), h - 1)
+        y1 = min(y0 + 1, h - 1)
+        fy = sy - y0
+        for x in range(width):
+            sx = max((x + 0.5) * w / width - 0.5, 0.0)
+            x0 = min(int(np.floor(sx)), w - 1)
+            x1 = min(x0 + 1, w - 1)
+            fx = sx - x0
+            top = grid[y0, x0] * (1 - fx) + grid[y0, x1] * fx
+            bottom = grid[y1, x0] * (1 - fx) + grid[y1, x1] * fx
+            out[y, x] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def reference_metrics(maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
+    """One phrase at a time: resize, min-max, threshold 0.5, IoU, argmax inside the mask."""
+    ious, hits, inters, unions = [], [], [], []
+    for grid, gt in zip(maps, masks):
+        response = bilinear_resize(grid, *gt.shape)
+        span = response.max() - response.min()
+        norm = (response - response.min()) / span if span > 0 else np.zeros_like(response)
+        pred = norm > 0.5
+        inter = np.logical_and(pred, gt).sum()
+        union = np.logical_or(pred, gt).sum()
+        ious.append(inter / union if union else 0.0)
+        inters.append(inter)
+        unions.append(union)
+        y, x = np.unravel_index(np.argmax(response), response.shape)
+        hits.append(bool(gt[y, x]))
+    ious = np.array(ious)
+    out = {"mIoU": ious.mean(), "cIoU": sum(inters) / sum(unions), "PointM": np.mean(hits)}
+    for t in PRECISION_THRESHOLDS:
+        out[f"Prec@{t}"] = np.mean(ious > t)
+    return out
+
+
+def random_case(seed: int):
+    rng = np.random.default_rng(seed)
+    sizes = [(17, 23), (8, 8), (17, 23), (31, 12), (8, 8), (17, 23), (5, 40)]
+    maps, masks = [], []
+    for i, (height, width) in enumerate(sizes):
+        gt = np.zeros((height, width), dtype=bool)
+        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        gt[y0 : y0 + rng.integers(1, height - y0 + 1), x0 : x0 + rng.integers(1, width - x0 + 1)] = True
+        gt ^= rng.random((height, width)) < 0.1  # ragged borders
+        masks.append(gt)
+        # a coarse view of the mask plus noise of growing strength: IoUs from high to chance
+        rows = ((np.arange(6) + 0.5) * height / 6).astype(int)
+        cols = ((np.arange(7) + 0.5) * width / 7).astype(int)
+        maps.append(gt[np.ix_(rows, cols)].astype(float) + rng.random((6, 7)) * 0.3 * i)
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_metrics_match_the_per_sample_reference(seed):
+    maps, masks = random_case(seed)
+    acc = MetricAccumulator()
+    torch_maps = torch.tensor(np.stack(maps), dtype=torch.float32)
+    torch_masks = [torch.from_numpy(m) for m in masks]
+    acc.update(torch_maps[:3], torch_masks[:3], texts=[f"p{i}" for i in range(3)])  # several batches
+    acc.update(torch_maps[3:], torch_masks[3:], texts=[f"p{i}" for i in range(3, len(masks))])
+    got = acc.compute()
+    expected = reference_metrics(maps, masks)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-3), name
+        assert 0.0 <= got[name] <= 1.0
+    per_phrase = acc.per_phrase
+    assert [p["text"] for p in per_phrase] == [f"p{i}" for i in range(len(masks))]
+    assert len(acc) == len(masks)
+
+
+def test_perfect_and_flat_maps():
+    gt = torch.zeros(6, 6, dtype=torch.bool)
+    gt[1:4, 2:5] = True
+    acc = MetricAccumulator()
+    acc.update(gt.float()[None], [gt])  # the mask itself as the response map
+    assert acc.compute()["mIoU"] == 1.0 and acc.compute()["PointM"] == 1.0
+    flat = MetricAccumulator()
+    flat.update(torch.full((1, 3, 3), 0.4), [gt])  # flat response: empty prediction, no NaN
+    result = flat.compute()
+    assert result["mIoU"] == 0.0 and result["cIoU"] == 0.0
+    assert MetricAccumulator().compute()["mIoU"] == 0.0
+
+
+def test_states_merge_across_ranks():
+    maps, masks = random_case(5)
+    torch_maps = torch.tensor(np.stack(maps), dtype=torch.float32)
+    torch_masks = [torch.from_numpy(m) for m in masks]
+    whole = MetricAccumulator()
+    whole.update(torch_maps, torch_masks)
+    rank0, rank1 = MetricAccumulator(), MetricAccumulator()
+    rank0.update(torch_maps[:4], torch_masks[:4])
+    rank1.update(torch_maps[4:], torch_masks[4:])
+    rank0.merge(rank1.state())
+    assert rank0.compute() == pytest.approx(whole.compute())
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError):
+        MetricAccumulator().update(torch.rand(2, 3, 3), [torch.zeros(4, 4, dtype=torch.bool)])
