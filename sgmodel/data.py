@@ -1,0 +1,481 @@
+"""Streaming input: sgdata shards -> batches in the table of docs/architecture.md.
+
+Why it is built this way:
+- One sample per *image* with all its phrases, so the contrastive loss can treat every phrase of an
+  image as a positive for that image (DESIGN §2); a batch holds B images and up to
+  `max_texts_per_image` phrases of each.
+- The training stream is endless: every (rank, worker) reads an infinite, epoch-seeded sequence of
+  shards and the trainer takes exactly `steps_per_epoch` batches per epoch. Ranks with fewer samples
+  wrap around instead of running dry, so no rank waits on another at the epoch's end.
+- The epoch (and, on resume, how many batches of it are already done) lives in shared memory
+  (`EpochState`), OpenCLIP-style, so `DataInfo.set_epoch(e)` reaches the pipeline inside the
+  dataloader workers; all randomness is derived from (seed, epoch, rank, worker), so an epoch is
+  reproducible and a resumed run sees the same batches as an uninterrupted one.
+- With a frozen encoder the stream reads cached features (sgmodel.features) instead of decoding
+  images, so a frozen encoder costs nothing per epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import tarfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from sgdata.errors import UserError
+from sgdata.images import decode_rgb
+from sgdata.masks import rle_to_mask
+
+IMAGE_MEAN = 0.5  # the paper normalises with mean = std = 0.5 on every channel
+IMAGE_STD = 0.5
+_WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
+
+
+# ---- shard lists ---------------------------------------------------------------------------------
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """Split on commas that are not inside a {brace,pattern}."""
+    parts, depth, current = [], 0, []
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_one(part: str) -> list[str]:
+    path = Path(part).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*.tar") if p.is_file())
+    if any(ch in part for ch in "*?["):
+        return sorted(p for p in glob.glob(str(path), recursive=True) if p.endswith(".tar") and os.path.isfile(p))
+    names = list(braceexpand(str(path))) if "{" in part else [str(path)]
+    missing = [n for n in names if not os.path.isfile(n)]
+    if missing:
+        raise UserError(f"shard {missing[0]} does not exist" + (f" (and {len(missing) - 1} more of {part!r})" if len(missing) > 1 else ""))
+    return names
+
+
+def expand_shards(spec: str) -> list[str]:
+    """A shard spec -> the list of local .tar paths it names, in a stable order.
+
+    A spec is one or more comma-separated parts; each part is a directory (every .tar below it,
+    sorted), a glob (`shards/train-*.tar`), a brace pattern (`train-{000000..000009}.tar`) or a file.
+    """
+    urls: list[str] = []
+    for part in _split_top_level(spec or ""):
+        urls.extend(_expand_one(part))
+    urls = list(dict.fromkeys(urls))  # a shard named twice is read once
+    if not urls:
+        raise UserError(f"no shards match {spec!r}; give a directory, a glob, a brace pattern or a comma-separated list of .tar files")
+    return urls
+
+
+def parse_mixture(spec: str) -> list[tuple[list[str], float]]:
+    """`--train-shards` -> [(shard urls, weight)].
+
+    Without weights the whole spec is one shard set. A mixture gives every set a weight after a
+    colon, e.g. `shards/refcoco/train:0.5,shards/captions/train:0.5`: each step's images are drawn
+    from set i with probability weight_i / sum(weights).
+    """
+    parts = _split_top_level(spec or "")
+    weighted = [_WEIGHT.match(p) for p in parts]
+    if not any(weighted):
+        return [(expand_shards(spec), 1.0)]
+    if not all(weighted):
+        bare = parts[weighted.index(None)]
+        raise UserError(f"in a shard mixture every part needs a weight (e.g. {bare}:0.5); {bare!r} has none")
+    mixture = [(expand_shards(m["spec"]), float(m["weight"])) for m in weighted]
+    if sum(w for _, w in mixture) <= 0:
+        raise UserError(f"the weights of shard mixture {spec!r} sum to zero")
+    return mixture
+
+
+def _sizes_index(folder: str) -> dict[str, int]:
+    """Sample counts per shard file name from sgdata's sizes.json (or a wids index) in `folder`."""
+    for name in ("sizes.json", "index.wids.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("shardlist"), list):  # wids: [{"url", "nsamples"}]
+            return {Path(s["url"]).name: int(s["nsamples"]) for s in data["shardlist"] if "url" in s and "nsamples" in s}
+        if isinstance(data, dict):
+            table = data.get("shards", data)
+            if isinstance(table, dict):
+                return {Path(k).name: int(v) for k, v in table.items() if isinstance(v, (int, float))}
+    return {}
+
+
+def _count_tar_samples(url: str) -> int:
+    try:
+        with tarfile.open(url) as tar:
+            return len({base_plus_ext(m.name)[0] for m in tar if m.isfile()} - {None})  # keys as webdataset groups them
+    except (OSError, tarfile.TarError) as exc:
+        raise UserError(f"shard {url} cannot be read as a tar file ({exc})") from None
+
+
+def count_samples(urls: list[str]) -> int:
+    """Total samples in `urls`: from sizes.json beside the shards, else by listing each tar."""
+    indexes: dict[str, dict[str, int]] = {}
+    total = 0
+    for url in urls:
+        folder = os.path.dirname(os.path.abspath(url))
+        if folder not in indexes:
+            indexes[folder] = _sizes_index(folder)
+        name = os.path.basename(url)
+        total += indexes[folder][name] if name in indexes[folder] else _count_tar_samples(url)
+    return total
+
+
+# ---- one sample ----------------------------------------------------------------------------------
+
+
+def sample_texts(sample_json: dict) -> list[str]:
+    """The training phrases of one sample: a referring sample's sentences or a caption sample's captions.
+
+    Blank and repeated phrases are dropped (a repeat would only be a second positive of the same pair).
+    """
+    if "refs" in sample_json:
+        texts = [s.get("text", "") for r in sample_json["refs"] for s in r.get("sentences", [])]
+    else:
+        texts = list(sample_json.get("captions", []))
+    return list(dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip()))
+
+
+def eval_phrases(sample_json: dict) -> list[tuple[str, dict]]:
+    """(phrase, mask RLE) pairs of a referring sample: one per sentence, with its ref's mask."""
+    return [
+        (s["text"].strip(), ref["mask"])
+        for ref in sample_json.get("refs", [])
+        if ref.get("mask")
+        for s in ref.get("sentences", [])
+        if isinstance(s.get("text"), str) and s["text"].strip()
+    ]
+
+
+def image_to_tensor(image: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
+    """RGB PIL image -> float (3, H, W) at the training size (aspect not kept, bilinear), mean = std = 0.5."""
+    height, width = image_size
+    resized = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())  # (H, W, 3)
+    return (pixels.permute(2, 0, 1).float() / 255.0 - IMAGE_MEAN) / IMAGE_STD  # (3, H, W)
+
+
+def decode_image(data: bytes, image_size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Shard `jpg` bytes -> (normalised (3, H, W) tensor, (height, width) of the stored image)."""
+    image = decode_rgb(data)
+    return image_to_tensor(image, image_size), (image.height, image.width)
+
+
+def select_texts(texts: list[str], limit: int, seed: int, epoch: int, key: str) -> list[str]:
+    """Up to `limit` phrases, a random subset that depends only on (seed, epoch, key).
+
+    Keyed by the sample rather than drawn from a stream, so the choice does not depend on the
+    worker layout or on where a resumed run starts.
+    """
+    if limit <= 0 or len(texts) <= limit:
+        return texts
+    rng = random.Random(zlib.crc32(f"{seed}:{epoch}:{key}".encode()))
+    return [texts[i] for i in sorted(rng.sample(range(len(texts)), limit))]
+
+
+# ---- batches -------------------------------------------------------------------------------------
+
+
+def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """Per-image items -> one batch (docs/architecture.md, "The batch")."""
+    texts = [t for item in items for t in item["texts"]]
+    index = [i for i, item in enumerate(items) for _ in item["texts"]]
+    batch: dict[str, Any] = {
+        "keys": [item["key"] for item in items],
+        "texts": texts,
+        "text_image_index": torch.tensor(index, dtype=torch.long),  # (T,)
+    }
+    if "image_tokens" in items[0]:
+        batch["image_tokens"] = torch.stack([item["image_tokens"] for item in items]).float()  # (B, N, C)
+    else:
+        batch["images"] = torch.stack([item["image"] for item in items])  # (B, 3, H, W)
+    if "text_feats" in items[0]:
+        batch["text_feats"] = torch.cat([item["text_feats"] for item in items]).float()  # (T, Ct)
+    else:
+        from sgmodel.encoders import tokenize
+
+        batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, texts, max_length)  # (T, L) each
+    if "masks" in items[0]:
+        batch["masks"] = [m for item in items for m in item["masks"]]  # list (T) of bool (H_t, W_t)
+        batch["image_sizes"] = torch.tensor([item["size"] for item in items], dtype=torch.long)  # (B, 2) as (h, w)
+    if "original" in items[0]:
+        batch["originals"] = [item["original"] for item in items]  # list (B) of uint8 tensors (H, W, 3)
+    return batch
+
+
+def _batched(items: Iterator[dict], size: int, tokenizer: Any, max_length: int, partial: bool) -> Iterator[dict]:
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if len(chunk) == size or (chunk and partial):
+            yield collate(chunk, tokenizer, max_length)
+        if len(chunk) < size:
+            return
+
+
+# ---- training stream -----------------------------------------------------------------------------
+
+
+class EpochState:
+    """The epoch and the batches of it already done, in shared memory so dataloader workers see updates."""
+
+    def __init__(self) -> None:
+        self._epoch = mp.Value("i", 0)
+        self._skip = mp.Value("i", 0)
+
+    def set(self, epoch: int, skip_batches: int = 0) -> None:
+        self._epoch.value = epoch
+        self._skip.value = skip_batches
+
+    def get(self) -> tuple[int, int]:
+        return self._epoch.value, self._skip.value
+
+
+def _endless_shard_order(urls: list[str], seed: int, epoch: int) -> Iterator[dict]:
+    """Passes over `urls`, each in a new order seeded by (seed, epoch, pass); the same on every rank."""
+    for n_pass in itertools.count():
+        order = list(urls)
+        random.Random(zlib.crc32(f"shards:{seed}:{epoch}:{n_pass}".encode())).shuffle(order)
+        for url in order:
+            yield {"url": url}
+
+
+def _parsed(samples: Iterator[dict], needs_jpg: bool) -> Iterator[dict]:
+    """Raw tar samples -> samples with `texts`; samples without any phrase are reported and skipped."""
+    dropped = 0
+    for sample in samples:
+        try:
+            meta = json.loads(sample["json"])
+        except (KeyError, ValueError):
+            meta = None
+        texts = sample_texts(meta) if isinstance(meta, dict) else []
+        if not texts or (needs_jpg and "jpg" not in sample):
+            dropped += 1
+            if dropped in (1, 10, 100, 1000) or dropped % 10000 == 0:
+                warnings.warn(f"skipped {dropped} sample(s) without phrases or image so far (last: {sample.get('__key__')} in {sample.get('__url__')})")
+            continue
+        sample["texts"] = texts
+        yield sample
+
+
+def _mixed(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Draw each sample from stream i with probability weights[i] / sum(weights).
+
+    Not wds.RandomMix: that draws from the process-global `random`, which would make the mixture
+    differ between runs and disturb the trainer's saved RNG state; this one uses its own seeded rng.
+    """
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    while True:
+        yield next(streams[rng.choices(range(len(streams)), weights=weights)[0]])
+
+
+def worker_skip(skip_batches: int, worker: int, num_workers: int) -> int:
+    """Of the first `skip_batches` batches a DataLoader yields (round-robin over workers), how many are this worker's."""
+    return max(0, (skip_batches - worker + num_workers - 1) // num_workers)
+
+
+class TrainStream(IterableDataset):
+    """Endless batches for one rank: shards split by node and worker, shuffled per epoch, mixed, collated."""
+
+    def __init__(self, mixture: list[tuple[list[str], float]], cfg: Any, tokenizer: Any, state: EpochState, features: Any = None):
+        super().__init__()
+        self.mixture = mixture
+        self.image_size = tuple(cfg.image_size)
+        self.batch_size = cfg.batch_size
+        self.max_texts = cfg.max_texts_per_image
+        self.shuffle_buffer = cfg.shuffle_buffer
+        self.seed = cfg.seed
+        self.max_length = cfg.max_text_length
+        self.tokenizer = tokenizer
+        self.state = state
+        self.features = features  # sgmodel.features.FeatureLookup or None
+
+    def _samples(self, urls: list[str], epoch: int, worker: int, num_workers: int, rng_seed: int) -> Iterator[dict]:
+        shards = _endless_shard_order(urls, self.seed, epoch)
+        shards = wds.split_by_node(shards)  # explicit node splitter: rank r takes every world-th shard
+        shards = itertools.islice(shards, worker, None, num_workers)  # worker splitter (see __iter__ for `worker`)
+        skip_images = self.features is not None and self.features.has_images
+        select = (lambda name: not name.endswith(".jpg")) if skip_images else None
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=select)(shards)
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=random.Random(rng_seed))(samples)
+        return _parsed(samples, needs_jpg=not skip_images)
+
+    def _materialise(self, sample: dict, epoch: int) -> dict:
+        key, url = sample["__key__"], sample["__url__"]
+        texts = select_texts(sample["texts"], self.max_texts, self.seed, epoch, key)
+        item: dict[str, Any] = {"key": key, "texts": texts}
+        if self.features is not None and self.features.has_images:
+            item["image_tokens"] = self.features.image_tokens(url, key)  # (N, C) fp16
+        else:
+            item["image"], _ = decode_image(sample["jpg"], self.image_size)  # (3, H, W)
+        if self.features is not None and self.features.has_texts:
+            item["text_feats"] = self.features.text_feats(url, texts)  # (k, Ct) fp16
+        return item
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, skip_batches = self.state.get()
+        rank, _, loader_worker, num_workers = wds.utils.pytorch_worker_info()
+        # The DataLoader takes batches from its workers round-robin, starting with worker 0. Batch j of
+        # the epoch is made by "role" j % num_workers; a run resumed at batch `skip_batches` starts with
+        # worker 0 making batch `skip_batches`, so worker w plays role (w + skip_batches) % num_workers
+        # and skips that role's batches already trained on (before decoding anything).
+        role = (loader_worker + skip_batches) % num_workers
+        base = zlib.crc32(f"samples:{self.seed}:{epoch}:{rank}:{role}".encode())
+        streams = [self._samples(urls, epoch, role, num_workers, base + i) for i, (urls, _) in enumerate(self.mixture)]
+        samples = _mixed(streams, [w for _, w in self.mixture], random.Random(base))
+        samples = itertools.islice(samples, worker_skip(skip_batches, role, num_workers) * self.batch_size, None)
+        items = (self._materialise(s, epoch) for s in samples)
+        yield from _batched(items, self.batch_size, self.tokenizer, self.max_length, partial=False)
+
+
+@dataclass
+class DataInfo:
+    """A rank's training input: the loader, the steps every rank runs per epoch, and the epoch switch."""
+
+    loader: DataLoader
+    steps_per_epoch: int
+    set_epoch: Callable[..., None]
+    samples: int = 0  # samples in all shard sets together
+    warnings: list[str] = field(default_factory=list)
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """Batches `start` .. steps_per_epoch-1 of `epoch` (the same batches whatever `start` is)."""
+        self.set_epoch(epoch, start)
+        iterator = iter(self.loader)
+        for _ in range(self.steps_per_epoch - start):
+            yield next(iterator)
+
+
+def train_data(cfg: Any, tokenizer: Any, rank: int = 0, world: int = 1, features: Any = None, on_cuda: bool = False) -> DataInfo:
+    """The training input of one rank (rank and world are those the node splitter sees)."""
+    mixture = parse_mixture(cfg.train_shards)
+    samples = sum(count_samples(urls) for urls, _ in mixture)
+    if samples == 0:
+        raise UserError(f"the shards of {cfg.train_shards!r} hold no samples")
+    steps = samples // (cfg.batch_size * world)
+    notes = []
+    if steps == 0:
+        notes.append(f"the shards hold {samples} samples, fewer than one step of {cfg.batch_size} images x {world} rank(s); an epoch is one step (samples repeat)")
+        steps = 1
+    readers = world * max(1, cfg.workers)
+    for urls, _ in mixture:
+        if len(urls) < readers:
+            notes.append(f"{len(urls)} shard(s) for {world} rank(s) x {max(1, cfg.workers)} worker(s): some readers share shards, so samples repeat within an epoch; write more, smaller shards (sgdata build --shard-size)")
+    for note in notes:
+        warnings.warn(note)
+    state = EpochState()
+    stream = TrainStream(mixture, cfg, tokenizer, state, features)
+    loader = DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches
+        num_workers=cfg.workers,
+        pin_memory=on_cuda,
+        persistent_workers=False,  # workers restart each epoch and read the new epoch from `state`
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched by the loader
+    )
+    return DataInfo(loader, steps, state.set, samples, notes)
+
+
+# ---- evaluation stream ---------------------------------------------------------------------------
+
+
+def _first_json(url: str) -> dict | None:
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    return json.loads(tar.extractfile(member).read())
+    except (OSError, tarfile.TarError, ValueError) as exc:
+        raise UserError(f"shard {url} cannot be read ({exc})") from None
+    return None
+
+
+def check_eval_shards(urls: list[str]) -> str:
+    """Refuse shards whose samples carry no masks (caption shards); return the split name they record."""
+    split = ""
+    for url in urls:
+        meta = _first_json(url)
+        if meta is None:
+            continue
+        if not any(ref.get("mask") for ref in meta.get("refs", [])):
+            raise UserError(f"shard {url} holds no referring masks (caption shards cannot be evaluated); evaluate on shards from `sgdata build refcoco`")
+        split = split or str(meta.get("split", ""))
+    return split
+
+
+class EvalStream(IterableDataset):
+    """Every sample once, in shard order: image, its phrases, one ground-truth mask per phrase."""
+
+    def __init__(self, urls: list[str], image_size: tuple[int, int], batch_size: int, tokenizer: Any, max_length: int, keep_originals: bool = False):
+        super().__init__()
+        self.urls = urls
+        self.image_size = tuple(image_size)
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.keep_originals = keep_originals
+
+    def _item(self, sample: dict) -> dict | None:
+        meta = json.loads(sample["json"])
+        phrases = eval_phrases(meta)
+        if not phrases:
+            warnings.warn(f"sample {sample['__key__']} in {sample['__url__']} has no phrase with a mask; not evaluated")
+            return None
+        image = decode_rgb(sample["jpg"])
+        item = {
+            "key": sample["__key__"],
+            "texts": [text for text, _ in phrases],
+            "image": image_to_tensor(image, self.image_size),  # (3, H, W)
+            "masks": [torch.from_numpy(rle_to_mask(rle)) for _, rle in phrases],  # list of bool (H_t, W_t)
+            "size": (image.height, image.width),
+        }
+        if self.keep_originals:
+            item["original"] = torch.from_numpy(np.array(image))  # (H, W, 3) uint8, for overlays
+        return item
+
+    def __iter__(self) -> Iterator[dict]:
+        shards = wds.split_by_worker(iter([{"url": u} for u in self.urls]))
+        samples = wds.tarfile_to_samples()(shards)
+        items = (item for item in map(self._item, samples) if item is not None)
+        yield from _batched(items, self.batch_size, self.tokenizer, self.max_length, partial=True)
+
+
+def eval_loader(urls: list[str], cfg: Any, tokenizer: Any, batch_size: int, workers: int = 0, keep_originals: bool = False) -> DataLoader:
+    stream = EvalStream(urls, cfg.image_size, batch_size, tokenizer, cfg.max_text_length, keep_originals)
+    return DataLoader(stream, batch_size=None, num_workers=min(workers, len(urls)))

@@ -1,0 +1,339 @@
+"""Train Shatter-and-Gather on sgdata shards: one process, or every rank of a torchrun job.
+
+    python -m sgmodel.train --config configs/tiny.yaml --train-shards SHARDS --out RUN
+    torchrun --nproc_per_node 8 -m sgmodel.train --config configs/refcoco.yaml --train-shards SHARDS --out RUN
+    ... --resume                       continue RUN/checkpoint.pt (step, lr schedule, optimizer, RNG, data position)
+    ... --max-steps N --checkpoint-every N --any-config-field value
+
+Read top to bottom: setup (process group, config, model, feature cache, data, optimizer, resume) ->
+the training loop (forward, NaN guard, backward, clip, step, log, checkpoint). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from sgdata.errors import UserError
+from sgmodel import distributed as dist
+from sgmodel.checkpoint import CHECKPOINT_NAME, config_from_checkpoint, load_checkpoint, load_model_state, restore_rng_states, rng_states, save_checkpoint, unwrap
+from sgmodel.config import Config, coerce, describe_fields, load_config, parse_overrides, write_config
+from sgmodel.data import parse_mixture, train_data
+
+# Fields that describe the run rather than the model or the optimisation: --resume may change them.
+RUN_FIELDS = {"out", "max_steps", "epochs", "checkpoint_every", "log_every", "workers", "train_shards", "feature_cache", "nan_policy"}
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m sgmodel.train",
+        description="Train Shatter-and-Gather on sgdata shards (one process, or under torchrun).",
+        epilog="Any config field can be set as --field value:\n" + describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML file with the fields that differ from the paper recipe")
+    parser.add_argument("--train-shards", help="directory | glob | brace pattern | comma list; 'a:0.5,b:0.5' mixes shard sets")
+    parser.add_argument("--out", required=True, help="run folder: config.yaml, checkpoint.pt, log.jsonl, tensorboard/")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (starts fresh if there is none)")
+    parser.add_argument("--max-steps", type=int, help="total optimizer steps (0 = epochs x steps per epoch)")
+    parser.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (and at the end)")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides = parse_overrides(rest)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for name in ("train_shards", "max_steps", "checkpoint_every"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    overrides["out"] = args.out
+    return args, overrides
+
+
+def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Config, dict | None]:
+    """Fresh run: defaults <- YAML <- CLI. Resume: the checkpoint's config, with only run fields changed."""
+    checkpoint_path = Path(args.out) / CHECKPOINT_NAME
+    try:
+        if not args.resume or not checkpoint_path.exists():
+            if checkpoint_path.exists():
+                raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+            if args.resume and dist.is_main_process():
+                print(f"no checkpoint in {args.out} yet: starting a new run", file=sys.stderr)
+            cfg = load_config(args.config, overrides)
+            if not cfg.train_shards:
+                raise UserError("no training shards: pass --train-shards (a directory, glob, brace pattern or list)")
+            return cfg, None
+        state = load_checkpoint(checkpoint_path)
+        cfg = config_from_checkpoint(state)
+        given = dict(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+        given.update(overrides)
+        for name, value in given.items():
+            value = coerce(name, value)
+            if name in RUN_FIELDS:
+                setattr(cfg, name, value)
+            elif value != getattr(cfg, name):
+                raise UserError(
+                    f"--resume continues the checkpoint's run, whose {name} is {getattr(cfg, name)!r}, not {value!r}; "
+                    f"drop that option or start a new run in another --out"
+                )
+        return cfg, state
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+
+
+def configure_threads(on_cuda: bool) -> None:
+    """CPU ranks on one machine share its cores: unless OMP_NUM_THREADS says otherwise, split them evenly."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if on_cuda or "OMP_NUM_THREADS" in os.environ or local_world <= 1:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to 0 at `total` (multiplies each group's lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunLog:
+    """RUN/log.jsonl (one JSON object per logged step) and TensorBoard events, written by rank 0 only.
+
+    On resume, lines after the checkpoint's step (written before a crash) are dropped and TensorBoard
+    purges its events after that step, so the history continues with no gap and no repeat.
+    """
+
+    def __init__(self, out: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = out / "log.jsonl"
+        if start_step > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
+            tmp = self.path.with_name("log.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        elif self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step > 0 else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+                self.tensorboard.add_scalar(f"train/{name}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tensorboard.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; inf for a line a kill cut short (it is dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def log_record(step: int, epoch: int, outputs: dict, lr: float, grad_norm: torch.Tensor, samples_per_s: float, skipped: bool) -> dict[str, Any]:
+    """One log.jsonl line: the losses averaged over ranks (a collective: every rank calls this on the same steps)."""
+    names = ("loss", "contrastive", "reconstruction", "accuracy")
+    values = dist.all_reduce_mean(torch.stack([outputs[n].detach().float() for n in names])).tolist()
+    record = {"step": step, "epoch": epoch, **{n: _finite_or_none(v) for n, v in zip(names, values)}, "lr": lr,
+              "grad_norm": _finite_or_none(float(grad_norm)), "samples_per_s": round(samples_per_s, 3)}
+    if "logit_scale" in outputs:
+        record["logit_scale"] = float(outputs["logit_scale"])
+    if skipped:
+        record["skipped"] = True
+        if dist.is_main_process():
+            print(f"step {step}: non-finite loss or gradient, update skipped (nan_policy=skip)", file=sys.stderr)
+    return record
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank: all ranks take the same branch, none hangs."""
+    if not dist.is_enabled():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value)
+    return bool(value.item() > 0)
+
+
+def write_checkpoint(out: Path, cfg: Config, step: int, steps_per_epoch: int, model, optimizer, scheduler, stats) -> None:
+    """Every rank hands in its RNG state (so each resumes its own stream); rank 0 writes the file."""
+    per_rank = dist.all_gather_object(rng_states())
+    if dist.is_main_process():
+        save_checkpoint(
+            out / CHECKPOINT_NAME, cfg=cfg, step=step, epoch=step // steps_per_epoch, model=model, optimizer=optimizer,
+            scheduler=scheduler, feature_stats=stats, extra={"rng_per_rank": per_rank, "steps_per_epoch": steps_per_epoch},
+        )
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def train(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    device = dist.init()
+    on_cuda = device.type == "cuda"
+    configure_threads(on_cuda)
+    rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main_process()
+    cfg, resumed = resolve_config(args, overrides)
+    if cfg.nan_policy not in ("stop", "skip"):
+        raise UserError(f"nan_policy must be 'stop' or 'skip', got {cfg.nan_policy!r}")
+    out = Path(cfg.out)
+    if main:
+        write_config(cfg, out / "config.yaml")
+
+    # model: identical initial weights on every rank, then a per-rank stream for dropout and slot noise
+    from sgmodel.encoders import build_tokenizer
+    from sgmodel.features import ensure_feature_cache
+    from sgmodel.model import ShatterAndGather
+
+    seed_everything(cfg.seed)
+    tokenizer = build_tokenizer(cfg)
+    model = ShatterAndGather(cfg, tokenizer).to(device)
+
+    # frozen encoders: features once per sample, standardisation statistics into the model
+    urls = [u for part, _ in parse_mixture(cfg.train_shards) for u in part]
+    features = ensure_feature_cache(model, cfg, urls, device, tokenizer)
+    stats = features.stats() if features is not None else None
+    if stats is not None:
+        model.set_feature_stats(stats[0].to(device), stats[1].to(device))
+    if resumed is not None:
+        load_model_state(model, resumed, f"checkpoint {out / CHECKPOINT_NAME}")
+    seed_everything(cfg.seed + rank)
+
+    if dist.is_enabled():
+        model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if on_cuda else None,
+            # every trainable parameter takes part in each step (frozen encoders have none; the model
+            # builds no decoder when recon_weight is 0), so DDP need not search for unused ones
+            find_unused_parameters=False,
+        )
+
+    data = train_data(cfg, tokenizer, rank, world, features, on_cuda)
+    max_steps = cfg.max_steps or cfg.epochs * data.steps_per_epoch
+    optimizer = torch.optim.AdamW(unwrap(model).param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, max_steps))
+    step = 0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        per_rank = resumed["extra"].get("rng_per_rank") or []
+        if len(per_rank) == world:
+            restore_rng_states(per_rank[rank])
+        step = resumed["step"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.precision == "bf16" else contextlib.nullcontext()
+    log = RunLog(out, step, main)
+    if main:
+        print(f"training {max_steps} steps ({data.steps_per_epoch} per epoch, {data.samples} samples, {world} rank(s) x {cfg.batch_size} images) from step {step} -> {out}", file=sys.stderr)
+    progress = tqdm(total=max_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
+    last_saved, timer, images_since = step, time.time(), 0
+    model.train()
+
+    # ---- the loop --------------------------------------------------------------------------------
+    try:
+        while step < max_steps:
+            epoch = step // data.steps_per_epoch
+            for batch in data.epoch_batches(epoch, start=step % data.steps_per_epoch):
+                batch = to_device(batch, device)
+                with autocast:
+                    outputs = model(batch)
+                loss = outputs["loss"]
+                bad = any_rank(not torch.isfinite(loss.detach()).item(), device)
+                if bad and cfg.nan_policy == "stop":
+                    raise UserError(_stopped_message(step + 1, "loss", last_saved, out))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # even for a skipped step, so every rank runs the same collectives
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if not bad and not torch.isfinite(grad_norm).item():  # the norm is of all-reduced grads: same on every rank
+                    bad = True
+                    if cfg.nan_policy == "stop":
+                        raise UserError(_stopped_message(step + 1, "gradient norm", last_saved, out))
+                lr = max(scheduler.get_last_lr())
+                if not bad:
+                    optimizer.step()
+                scheduler.step()
+                step += 1
+                images_since += len(batch["keys"]) * world
+                progress.update(1)
+
+                if bad or step % cfg.log_every == 0 or step == max_steps:
+                    record = log_record(step, epoch, outputs, lr, grad_norm, images_since / max(time.time() - timer, 1e-9), bad)
+                    log.write(record)
+                    progress.set_postfix(loss=f"{record['loss']}"[:7], lr=f"{lr:.2e}")
+                    timer, images_since = time.time(), 0
+                if step % cfg.checkpoint_every == 0 or step == max_steps:
+                    write_checkpoint(out, cfg, step, data.steps_per_epoch, model, optimizer, scheduler, stats)
+                    last_saved = step
+                if step >= max_steps:
+                    break
+    finally:  # also when a NaN stops the run: the log keeps every line written
+        progress.close()
+        log.close()
+    if main:
+        print(f"done: step {step}, checkpoint {out / CHECKPOINT_NAME}", file=sys.stderr)
+    return 0
+
+
+def _stopped_message(step: int, what: str, last_saved: int, out: Path) -> str:
+    kept = f"{out / CHECKPOINT_NAME} still holds step {last_saved}" if last_saved > 0 else "no checkpoint had been written yet"
+    return f"the {what} became NaN or infinite at step {step}, so training stopped and {kept} (lower --lr, or pass --nan-policy skip to skip such steps)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return train(argv)
+    except UserError as exc:
+        prefix = f"rank {dist.get_rank()}: " if dist.get_rank() > 0 else ""
+        print(f"error: {prefix}{exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
