@@ -85,17 +85,24 @@ def save_checkpoint(
         "feature_stats": None if feature_stats is None else {"mean": feature_stats[0].cpu(), "std": feature_stats[1].cpu()},
         "extra": extra or {},
     }
-    tmp = path.with_name(path.name + ".tmp")
+    atomic_torch_save(state, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a reader (or a crash
+    half-way) sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    return path
 
 
 def _fsync_dir(folder: Path) -> None:

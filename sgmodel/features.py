@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from sgdata.errors import UserError
 from sgmodel import distributed as dist
+from sgmodel.checkpoint import atomic_torch_save
 from sgmodel.data import count_samples, decode_image, sample_texts
 
 FORMAT = "sgmodel-features/1"
@@ -65,19 +66,6 @@ def encoder_fingerprint(encoder: torch.nn.Module, settings: str) -> str:
 def shard_fingerprint(url: str) -> str:
     stat = os.stat(url)
     return hashlib.sha1(f"{os.path.abspath(url)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _shard_samples(url: str) -> Any:
@@ -278,7 +266,7 @@ def ensure_feature_cache(model: Any, cfg: Any, urls: list[str], device: torch.de
                 data = build_image_features(model.image_encoder, url, tuple(cfg.image_size), cfg.batch_size, device, model.image_encoder.identity(), bar)
             else:
                 data = build_text_features(model.text_encoder, tokenizer, url, cfg.max_text_length, cfg.batch_size, device, model.text_encoder.identity())
-            _save_atomic(data, path)
+            atomic_torch_save(data, path)
         bar.close()
     dist.barrier()
     absent = [str(p) for _, _, p in jobs if not p.exists()]
