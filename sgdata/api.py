@@ -4,7 +4,9 @@
     summary = api.build_refcoco("data/refer", "data/coco/train2014", "refcoco", "unc", "shards/refcoco")
     problems = api.verify("shards/refcoco")
 
-Fatal input problems raise `sgdata.errors.UserError` (the CLI prints its one sentence, exit 2).
+Fatal input problems raise `sgdata.errors.UserError` (the CLI prints its one sentence, exit 2). So does a
+build that yields no sample at all: refused before OUT is touched when the input holds nothing to build,
+or raised after the merge when every item was skipped, so that OUT/failures.jsonl lists why.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ OUT's state machine:
   (see `sgdata.writer`) are kept, the rest redone. Different record → refused unless `overwrite`,
   which deletes only files sgdata writes (shards, parts, index files, temporaries) and starts over.
 - Temporaries left by killed runs are removed before the run starts.
+
+A build that yields no sample in any split (and lost no shard) raises UserError after the merge: a
+dataset with nothing to train on is an error, and failures.jsonl is written first so it says why.
+One empty split beside others is not an error (the source notes it in the card).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import functools
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -177,6 +182,8 @@ def build(
     """
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}.")
+    if not any(plan.splits.values()) and not plan.failures:  # the sources say why themselves; this is the net
+        raise UserError(f"no sample could be built: the {plan.kind} source holds no item.")
     out = Path(out)
     record = build_record(plan, options, shard_size, command)
     tasks_by_split = shard_tasks(plan, out, options, shard_size)
@@ -222,6 +229,8 @@ def build(
     }
     num_shards = {split: len(tasks) for split, tasks in tasks_by_split.items()}
     stats = merge(out, plan, num_shards, record, run)
+    if not failed and not any(s["samples"] for s in stats.values()):
+        raise UserError(_nothing_built(out, plan, stats))
     return {
         "out": str(out),
         "kind": plan.kind,
@@ -235,6 +244,17 @@ def build(
         ],
         **run,
     }
+
+
+def _nothing_built(out: Path, plan: SourcePlan, stats: dict[str, dict[str, Any]]) -> str:
+    """The sentence for a build whose every item was skipped (written after the merge, so the list is there)."""
+    reasons = Counter(f.reason for f in plan.failures if f.split not in stats)
+    for split_stats in stats.values():
+        reasons.update(split_stats["failures_by_reason"])
+    top = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(3))
+    more = ", ..." if len(reasons) > 3 else ""
+    return (f"no sample could be built: every item was skipped ({sum(reasons.values())} failures: {top}{more}); "
+            f"see {out / 'failures.jsonl'}.")
 
 
 def summary_table(summary: dict[str, Any]):

@@ -1,7 +1,8 @@
 """`sgdata` command line: a thin typer layer over `sgdata.api`.
 
 Exit status: 0 success; 1 the work ran but something is wrong (shards that failed after retries,
-verify problems); 2 a fatal user error, printed as one sentence without a traceback.
+verify problems); 2 a fatal user error, printed as one sentence without a traceback (a build that yields
+no sample at all is one: its failures.jsonl, when it got that far, says why each item was skipped).
 """
 
 from __future__ import annotations

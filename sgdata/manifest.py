@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sgdata.sources.base import Failure, SourcePlan
-from sgdata.writer import part_path, shard_is_complete, temporary_name, write_json_atomic
+from sgdata.writer import JSON_TEXT_ERRORS, part_path, shard_is_complete, temporary_name, write_json_atomic
 
 MANIFEST_COLUMNS = ("key", "shard", "source_id", "width", "height", "num_texts", "texts")
 SPLIT_FILES = ("manifest.parquet", "stats.json", "sizes.json", "index.wids.json")
@@ -120,7 +120,7 @@ def merge(out: Path, plan: SourcePlan, num_shards: dict[str, int], build_record:
         failures += sample_failures
     failures.sort(key=failure_sort_key)
     tmp = temporary_name(out / "failures.jsonl")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", errors=JSON_TEXT_ERRORS) as f:
         for failure in failures:
             f.write(json.dumps(failure, sort_keys=True, ensure_ascii=False) + "\n")
     os.replace(tmp, out / "failures.jsonl")
@@ -138,5 +138,9 @@ def merge(out: Path, plan: SourcePlan, num_shards: dict[str, int], build_record:
             for split, s in stats.items()
         },
         "failures": len(failures),
+        # every failure under its split, as failures.jsonl files it: a built split's count is its
+        # stats.json count; the rest belong to a split with no sample or to none ("": an
+        # instances.json record, a ref whose split cannot be read)
+        "failures_by_split": dict(sorted(Counter(f.get("split", "") for f in failures).items())),
     })
     return stats

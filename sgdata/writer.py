@@ -128,11 +128,16 @@ class _HashingFile:
         self.f.flush()
 
 
+# How index files write text with lone surrogates (a file name that is not UTF-8, as Python's os
+# functions give it): as the JSON escape "\\udcxx", so a failure naming such a file is still written.
+JSON_TEXT_ERRORS = "backslashreplace"
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", errors=JSON_TEXT_ERRORS) as f:
         json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")
         f.flush()
@@ -151,10 +156,33 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+# Exceptions that say the machine is in trouble, not the sample: they fail the shard so it is retried.
+ENVIRONMENT_ERRORS = (OSError, MemoryError)
+MAX_DETAIL_CHARS = 300
+
+
+def one_line(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """A failure detail on one line and at most `limit` characters (exception messages can be anything)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _default_make_sample(kind: str, spec: SampleSpec, options: Any) -> Finalized:
+    """The real per-sample work, with every fault of the sample's own data turned into a SampleError.
+
+    A source checks what it can while planning, but the data can still hold something no check
+    foresaw (text that cannot be written, a value of an unexpected type). Such an exception belongs
+    to this one sample: it becomes a `sample_error` failure naming the exception, and the shard's
+    other samples are kept. Environment errors (I/O, memory) still fail the shard, so it is retried.
+    """
     from sgdata.samples import make_sample  # imported late: writer tests inject their own
 
-    return make_sample(kind, spec, options)
+    try:
+        return make_sample(kind, spec, options)
+    except (SampleError, *ENVIRONMENT_ERRORS):
+        raise
+    except Exception as exc:
+        raise SampleError("sample_error", one_line(f"{type(exc).__name__}: {exc}")) from exc
 
 
 def _manifest_row(key: str, shard: str, fin: Finalized) -> dict[str, Any]:
@@ -179,8 +207,9 @@ def write_shard(
 ) -> dict[str, Any]:
     """Produce the shard of `task` and return its part record (also written to the parts folder).
 
-    A `SampleError` skips that sample and becomes a failure entry; any other exception is a bug or
-    an infrastructure fault and propagates, so the runner retries the whole shard.
+    A `SampleError` skips that sample and becomes a failure entry (the default `make_sample` turns
+    every fault of a sample's data into one); any other exception is an infrastructure fault or a
+    bug and propagates, so the runner retries the whole shard.
     """
     start = time.perf_counter()
     name = shard_name(task.split, task.index)

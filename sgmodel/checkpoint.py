@@ -89,11 +89,16 @@ def save_checkpoint(
     return path
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, shared: bool = False) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename: a reader (or a crash
-    half-way) sees the old file or the new one, never a torn one."""
+    half-way) sees the old file or the new one, never a torn one.
+
+    A file with one writer (the checkpoint: rank 0) uses one fixed temporary name, so the next save
+    replaces what a killed write left behind; `shared` files (the feature cache, which separate runs
+    may fill at once) get a per-process temporary name instead, so concurrent writers never mix bytes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if shared else f"{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

@@ -266,7 +266,7 @@ def ensure_feature_cache(model: Any, cfg: Any, urls: list[str], device: torch.de
                 data = build_image_features(model.image_encoder, url, tuple(cfg.image_size), cfg.batch_size, device, model.image_encoder.identity(), bar)
             else:
                 data = build_text_features(model.text_encoder, tokenizer, url, cfg.max_text_length, cfg.batch_size, device, model.text_encoder.identity())
-            atomic_torch_save(data, path)
+            atomic_torch_save(data, path, shared=True)
         bar.close()
     dist.barrier()
     absent = [str(p) for _, _, p in jobs if not p.exists()]

@@ -6,7 +6,7 @@ outcome, not only the planner's: no shard failed; failures.jsonl holds exactly t
 the good items (every usable ref of every good image for RefCOCO; every good image with its captions
 for caption corpora), agree with the manifest, and pass verify. Fatal problems stop the build before
 OUT is created, with one sentence (and, from the command line, exit status 2 and no traceback).
-docs/reliability.md lists these cases row by row. Cases marked xfail are bugs reported to the lead.
+docs/reliability.md lists these cases row by row.
 """
 
 from __future__ import annotations
@@ -297,10 +297,6 @@ def _malformed_rle(counts):
     return inject
 
 
-def _bug(case, reason: str):
-    return pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=f"bug reported to the lead: {reason}"))
-
-
 REFCOCO_CASES = {
     **{f"{kind}_image": _bad_image_file(kind) for kind in BAD_IMAGE_BYTES},
     "wrong_extension": _wrong_extension,
@@ -319,12 +315,10 @@ REFCOCO_CASES = {
     "blank_sentence": _blank_sentence,
     "malformed_ref_entries": _malformed_ref_entries,
     "size_mismatch": _size_mismatch,
-}
-REFCOCO_BUGS = {
-    "sentence_lone_surrogate": _bug(_surrogate_sentence, "refcoco.finalize: UnicodeEncodeError fails the whole shard"),
-    "ref_unhashable_ann_id": _bug(_unhashable_ann_id, "refcoco._Planner.ref_entry: TypeError traceback in planning"),
-    "rle_garbage_counts": _bug(_malformed_rle("!!!garbage"), "masks.segmentation_to_rle stores an undecodable RLE"),
-    "rle_non_integer_counts": _bug(_malformed_rle(["a", None]), "masks.segmentation_to_rle: ValueError fails the shard"),
+    "sentence_lone_surrogate": _surrogate_sentence,
+    "ref_unhashable_ann_id": _unhashable_ann_id,
+    "rle_garbage_counts": _malformed_rle("!!!garbage"),
+    "rle_non_integer_counts": _malformed_rle(["a", None]),
 }
 
 
@@ -360,8 +354,7 @@ def _build_refcoco(fx: dict, out: Path) -> dict:
                              workers=0, shard_size=2)
 
 
-@pytest.mark.parametrize("inject", [*REFCOCO_CASES.values(), *REFCOCO_BUGS.values()],
-                         ids=[*REFCOCO_CASES, *REFCOCO_BUGS])
+@pytest.mark.parametrize("inject", REFCOCO_CASES.values(), ids=REFCOCO_CASES)
 def test_refcoco_fault_is_skipped_reported_and_nothing_good_is_lost(tmp_path, inject):
     fx = make_refer_fixture(tmp_path / "src", faults=getattr(inject, "fixture_faults", ()))
     expected_failures, lost = inject(fx)
@@ -586,14 +579,14 @@ def _ragged_row(root: Path, outside: Path) -> tuple[Path, Expected, dict]:
     path = write_csv(root / "pairs.csv", GOOD_ROWS)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("three.jpg,one,too many\n")
-    return path, [("malformed_row", "pairs.csv")], {}
+    return path, [("malformed_row", f"pairs.csv:{len(GOOD_ROWS) + 2}")], {}
 
 
 def _ragged_non_utf8_row(root: Path, outside: Path) -> tuple[Path, Expected, dict]:
     path = write_csv(root / "pairs.csv", GOOD_ROWS)
     with open(path, "ab") as handle:
         handle.write(b"three.jpg,caf\xe9,too many\n")
-    return path, [("malformed_row", "pairs.csv")], {}
+    return path, [("malformed_row", f"pairs.csv:{len(GOOD_ROWS) + 2}")], {}
 
 
 TABLE_CASES = {
@@ -615,13 +608,11 @@ TABLE_CASES = {
                                      {"img/dot.png": ["one pixel"]}),
     "jsonl_missing_and_malformed": _jsonl_case,
     "csv_ragged_row": _ragged_row,
-}
-TABLE_BUGS = {
-    "csv_ragged_non_utf8_row": _bug(_ragged_non_utf8_row, "captions._read_arrow_table: the whole table is refused"),
+    "csv_ragged_non_utf8_row": _ragged_non_utf8_row,
 }
 
 
-@pytest.mark.parametrize("inject", [*TABLE_CASES.values(), *TABLE_BUGS.values()], ids=[*TABLE_CASES, *TABLE_BUGS])
+@pytest.mark.parametrize("inject", TABLE_CASES.values(), ids=TABLE_CASES)
 def test_caption_table_fault_is_skipped_reported_and_nothing_good_is_lost(tmp_path, inject):
     root = tmp_path / "table"
     make_table_root(root)
@@ -700,14 +691,11 @@ FATAL_CASES = {
     "captions_source_missing": (_captions_breaker(lambda src: src), "does not exist"),
     "table_without_caption_column": (_captions_breaker(_table_without_caption_column), "no caption column"),
     "table_not_parquet": (_captions_breaker(_garbage_parquet), "cannot read the table pairs.parquet"),
-}
-FATAL_BUGS = {
-    "table_header_not_utf8": _bug((_captions_breaker(_non_utf8_csv_header), "pairs.csv"),
-                                  "captions._read_arrow_table: UnicodeDecodeError traceback"),
+    "table_header_not_utf8": (_captions_breaker(_non_utf8_csv_header), "pairs.csv"),
 }
 
 
-@pytest.mark.parametrize("case", [*FATAL_CASES.values(), *FATAL_BUGS.values()], ids=[*FATAL_CASES, *FATAL_BUGS])
+@pytest.mark.parametrize("case", FATAL_CASES.values(), ids=FATAL_CASES)
 def test_fatal_input_is_one_sentence_and_nothing_is_written(tmp_path, case):
     make, message = case
     run = make(tmp_path)
@@ -798,15 +786,19 @@ def test_a_build_never_decodes_an_image_above_the_limit(tmp_path, decoded_sizes)
     assert decoded_sizes and max(w * h for w, h in decoded_sizes) <= DEFAULT_MAX_PIXELS
 
 
-def test_a_corpus_with_no_good_item_gives_an_empty_split_with_every_fault_listed(tmp_path):
-    """Current behaviour (reported to the lead as a gap): exit 0 with zero samples, every fault in failures.jsonl."""
+def test_a_corpus_with_no_good_item_is_refused_in_one_sentence_with_every_fault_listed(tmp_path):
+    """A build with no sample at all fails (UserError, exit 2 from the CLI), yet failures.jsonl lists every fault."""
     root = tmp_path / "corpus"
     _put(root / "nocap.jpg", image_bytes())
     _put(root / "zero.jpg", b"")
     _put(root / "zero.txt", "an empty image file")
     out = tmp_path / "out"
-    summary = api.build_captions(root, out, workers=0)
+    with pytest.raises(UserError) as caught:
+        api.build_captions(root, out, workers=0)
+    text = str(caught.value)
+    assert text.startswith("no sample could be built") and len(text.splitlines()) == 1 and text[-1] == "."
+    assert "missing_caption" in text and "unreadable_image" in text and str(out / "failures.jsonl") in text
     failures = read_failures(out)
     assert_reported(failures, [("missing_caption", "nocap.jpg"), ("unreadable_image", "zero.jpg")])
-    assert_build_is_whole(out, summary, failures)
-    assert summary["splits"]["train"]["samples"] == 0 and read_samples(out) == {}
+    assert_build_is_whole(out, {"failed_shards": [], "failures": len(failures)}, failures)
+    assert json.loads((out / "train" / "stats.json").read_text())["samples"] == 0 and read_samples(out) == {}

@@ -118,9 +118,6 @@ def test_polygon_junk_gives_a_mask_or_a_segmentation_error(segmentation):
     assert all(len(part) >= 6 and all(math.isfinite(v) for v in part) for part in masks.clean_polygons(segmentation))
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead: masks.segmentation_to_rle lets malformed RLE "
-                                       "through (garbage counts stored; non-integer or negative counts raise "
-                                       "ValueError/OverflowError, which fails the whole shard)")
 @FAST
 @example({"size": [12, 10], "counts": "!!!garbage"})
 @example({"size": [12, 10], "counts": ["a", None]})
@@ -295,8 +292,6 @@ def test_any_text_as_a_table_is_planned_or_refused_in_one_sentence(tmp_path_fact
                             "remote_image", "undecodable_caption"} for f in plan.failures)
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead: captions._read_arrow_table lets UnicodeDecodeError "
-                                       "escape for a CSV/TSV header that is not UTF-8")
 @FAST
 @example("csv", b"imag\xe9,caption\na.jpg,x\n")
 @given(st.sampled_from(["csv", "tsv", "jsonl"]), st.binary(max_size=80))

@@ -18,6 +18,7 @@ Rules (docs/data-format.md, docs/reliability.md):
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -47,8 +48,14 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def display_path(path: str) -> str:
-    """A path as valid UTF-8 text: bytes that are not UTF-8 (surrogate-escaped by os) shown as \\xNN."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path as valid UTF-8 text: bytes that are not UTF-8 (surrogate-escaped by os) shown as \\xNN.
+
+    Any other lone surrogate (a JSON "\\ud800" escape in a table) is shown as \\uNNNN.
+    """
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def caption_key(rel_path: str) -> str:
@@ -265,17 +272,23 @@ def _preferred_caption_files(names: list[str]) -> list[str]:
 # ---------------------------------------------------------------- tables
 
 
+def _column_list(columns: list[str]) -> str:
+    """Column names for a one-line message: printable ones as they are, others quoted with escapes."""
+    shown = [name if name.isprintable() and name.strip() == name and name else repr(name) for name in columns]
+    return ", ".join(shown) or "no columns"
+
+
 def _pick_column(columns: list[str], candidates: tuple[str, ...], what: str, table: Path) -> str:
     lowered = {column.lower(): column for column in reversed(columns)}
     for name in candidates:
         if name in lowered:
             return lowered[name]
     raise UserError(f"the table {table.name} has no {what} column (looked for {', '.join(candidates)}; "
-                    f"found {', '.join(columns) or 'no columns'}).")
+                    f"found {_column_list(columns)}).")
 
 
 def _text_cell(value: Any) -> Any:
-    """Bytes cells (CSV is read as bytes so one bad row cannot sink the table) as surrogate-escaped str."""
+    """Bytes cells (a Parquet binary column) as surrogate-escaped str, as CSV cells are read."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     if isinstance(value, list):
@@ -297,7 +310,7 @@ def _jsonl_rows(path: Path, failures: list[Failure]) -> tuple[list[str], list[di
             label = f"{path.name}:{number}"
             try:
                 row = json.loads(line.decode("utf-8", "surrogateescape"))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
                 failures.append(Failure(label, "malformed_row", f"the line is not valid JSON ({exc})", SPLIT))
                 continue
             if not isinstance(row, dict):
@@ -309,30 +322,62 @@ def _jsonl_rows(path: Path, failures: list[Failure]) -> tuple[list[str], list[di
     return list(columns), rows, labels
 
 
-def _read_arrow_table(path: Path, fmt: str, failures: list[Failure]):
-    """The table as pyarrow reads it; CSV/TSV cells as bytes, rows with the wrong field count reported."""
+def _read_parquet(path: Path):
     import pyarrow as pa
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    def skip_row(row) -> str:
-        failures.append(Failure(path.name, "malformed_row", f"a row has {row.actual_columns} fields, expected "
-                                f"{row.expected_columns}: {row.text[:80]!r}", SPLIT))
-        return "skip"
-
     try:
-        if fmt == "parquet":
-            return pq.read_table(path)
-        delimiter = "\t" if fmt == "tsv" else ","
-        # First only the header (its rows are read again below, where bad ones are reported once).
-        peek = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=lambda row: "skip")
-        with pacsv.open_csv(path, parse_options=peek) as reader:
-            names = reader.schema.names
-        parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=skip_row)
-        convert = pacsv.ConvertOptions(column_types={name: pa.binary() for name in names})
-        return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+        return pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"cannot read the table {path.name}: {str(exc).splitlines()[0]}.") from None
+        reason = str(exc).splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read the table {path.name}: {reason}.") from None
+
+
+def _csv_rows(path: Path, fmt: str, failures: list[Failure]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """(header, [(label "table.csv:N", fields)]) of a CSV/TSV table; rows with the wrong field count reported.
+
+    The file is read as text with bytes that are not UTF-8 surrogate-escaped, so one bad row cannot
+    sink the table: a cell that is not UTF-8 is found by the row checks (`undecodable_caption`), a
+    row that cannot be split into the header's fields is a `malformed_row` naming its first line.
+    Quoted fields may span lines (captions with line breaks); a UTF-8 byte order mark is skipped.
+    """
+    delimiter = "\t" if fmt == "tsv" else ","
+    header: list[str] | None = None
+    rows: list[tuple[str, list[str]]] = []
+    try:
+        handle = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    except OSError as exc:
+        raise UserError(f"cannot read the table {path.name} ({exc.strerror or exc}).") from None
+    with handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        start = 1  # the line where the next record begins
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # e.g. a field above csv's size limit: that record is skipped
+                failures.append(Failure(f"{path.name}:{start}", "malformed_row", f"the row cannot be read ({exc})", SPLIT))
+                if reader.line_num < start:  # nothing was consumed: stop rather than loop
+                    break
+                start = reader.line_num + 1
+                continue
+            label, start = f"{path.name}:{start}", reader.line_num + 1
+            if not fields:  # a blank line
+                continue
+            if header is None:
+                if _has_undecodable(fields):
+                    raise UserError(f"the header (first line) of the table {path.name} is not UTF-8 text; "
+                                    "save the table as UTF-8.")
+                header = fields
+            elif len(fields) != len(header):
+                failures.append(Failure(label, "malformed_row", f"the row has {len(fields)} fields, expected "
+                                        f"{len(header)}: {display_path(delimiter.join(fields))[:80]!r}", SPLIT))
+            else:
+                rows.append((label, fields))
+    if header is None:
+        raise UserError(f"the table {path.name} is empty: it has no header line.")
+    return header, rows
 
 
 def _check_text_column(table, column: str, path: Path) -> None:
@@ -356,15 +401,21 @@ def _table_rows(path: Path, fmt: str, failures: list[Failure]) -> tuple[str, str
         caption_column = _pick_column(columns, CAPTION_COLUMNS, "caption", path)
         rows = [(label, row.get(image_column), row.get(caption_column)) for label, row in zip(labels, objects)]
         return image_column, caption_column, rows
-    table = _read_arrow_table(path, fmt, failures)
+    if fmt in ("csv", "tsv"):
+        header, records = _csv_rows(path, fmt, failures)
+        image_column = _pick_column(header, IMAGE_COLUMNS, "image-path", path)
+        caption_column = _pick_column(header, CAPTION_COLUMNS, "caption", path)
+        image_index, caption_index = header.index(image_column), header.index(caption_column)
+        rows = [(label, fields[image_index], fields[caption_index]) for label, fields in records]
+        return image_column, caption_column, rows
+    table = _read_parquet(path)
     image_column = _pick_column(table.column_names, IMAGE_COLUMNS, "image-path", path)
     caption_column = _pick_column(table.column_names, CAPTION_COLUMNS, "caption", path)
     for column in (image_column, caption_column):
         _check_text_column(table, column, path)
-    first_row = 1 if fmt == "parquet" else 2  # CSV/TSV line 1 is the header
     images = table.column(image_column).to_pylist()
     captions = table.column(caption_column).to_pylist()
-    rows = [(f"{path.name}:{index + first_row}", _text_cell(image), _text_cell(caption))
+    rows = [(f"{path.name}:{index + 1}", _text_cell(image), _text_cell(caption))
             for index, (image, caption) in enumerate(zip(images, captions))]
     return image_column, caption_column, rows
 
@@ -388,6 +439,12 @@ def _row_image(value: Any, table_dir: str, root_real: str) -> tuple[str, str, tu
     if not isinstance(value, str) or not value.strip():
         return "", "", ("missing_image", "the row has no image path")
     value = value.strip()
+    try:
+        if "\x00" in value:
+            raise ValueError
+        os.fsencode(value)
+    except (ValueError, UnicodeEncodeError):  # a NUL or a JSON "\\ud800" escape: no file has that name
+        return "", "", ("malformed_row", f"the image path {display_path(value)[:80]!r} is not a usable file name")
     if value.startswith("file://"):
         value = value[len("file://"):]
     elif _URL.match(value):
@@ -420,6 +477,8 @@ def _plan_table(path: Path, fmt: str) -> SourcePlan:
             continue
         entry = found.setdefault(rel, {"path": image_path, "captions": []})
         entry["captions"] = clean_captions(entry["captions"] + captions)
+    if not rows and not failures:
+        raise UserError(f"no sample could be built: the table {path.name} has no rows.")
     card = {"source": "captions", "layout": "table", "table": str(path), "format": fmt,
             "image_column": image_column, "caption_column": caption_column, "rows": len(rows)}
     return _plan(found, failures, card)

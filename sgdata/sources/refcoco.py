@@ -4,6 +4,9 @@
 every ref, and groups the refs by (split, image): one sample per image, carrying all its
 referring expressions. Per-ref problems (missing annotation, degenerate polygon, no sentence...)
 become Failures and only that ref is dropped; problems with the whole input are UserErrors.
+Everything that reaches a worker is checked here to be writable: ids are ints or text (dict keys
+and JSON values), texts are valid Unicode, RLE counts describe exactly one mask of the image's size,
+and split names are plain folder names.
 
 `finalize` runs in the workers with the stored image in hand and produces the sample JSON, with
 each mask and box carried through the same orientation and resize the image went through.
@@ -16,13 +19,15 @@ import json
 import math
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from sgdata.errors import UserError
 from sgdata.images import oriented_size
-from sgdata.masks import SegmentationError, clean_polygons, resize_rle, segmentation_to_rle, transpose_rle
+from sgdata.masks import (
+    SegmentationError, check_rle, clean_polygons, resize_rle, segmentation_to_rle, transpose_rle,
+)
 from sgdata.refer import load_instances, load_refs
 from sgdata.sources.base import Failure, Finalized, SampleError, SourcePlan, SampleSpec, StoredImage
 
@@ -34,6 +39,77 @@ KNOWN_SPLITS = {
     ("refcocog", "google"): ["train", "val"],
 }
 KNOWN_SPLIT_BY = {"refcoco": ["unc"], "refcoco+": ["unc"], "refcocog": ["umd", "google"]}
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a split names a folder of OUT: no path, no dot
+REF_KEYS = ("ref_id", "ann_id", "image_id", "split")
+# Sentences dropped from a ref that keeps others: reason -> what the failure's detail calls them.
+DROPPED_SENTENCES = {
+    "blank_sentence": "blank or malformed sentence(s)",
+    "undecodable_text": "sentence(s) that are not valid Unicode text (a lone surrogate)",
+}
+
+
+def is_text(value: Any) -> bool:
+    """A str that can be written as UTF-8: a Python 3 pickle or a JSON "\\ud800" escape can hold lone surrogates."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_id(value: Any) -> bool:
+    """An id usable as a dict key and a JSON value: an int (COCO's) or non-blank text (a hand-made set's).
+
+    Lists, dicts, sets, floats (NaN among them) and booleans are refused while planning, so no
+    such id reaches a lookup (unhashable) or a sample's JSON (not writable).
+    """
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (is_text(value) and bool(value.strip()))
+
+
+def _short(value: Any) -> str:
+    """A value as a failure detail shows it: its repr, cut to one short phrase."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _ref_problem(ref: Any) -> str | None:
+    """Why a refs entry cannot be planned at all (then it is a `malformed_ref`), or None."""
+    if not isinstance(ref, dict):
+        return f"the entry is a {type(ref).__name__}, not a ref record"
+    missing = [key for key in REF_KEYS if key not in ref]
+    if missing:
+        return f"the entry lacks {'/'.join(missing)}"
+    if not (is_text(ref["split"]) and SPLIT_NAME.match(ref["split"])):
+        return f"split {_short(ref['split'])} is not a plain name (letters, digits, _ and -)"
+    for key in ("ref_id", "ann_id", "image_id"):
+        if not is_id(ref[key]):
+            return f"{key} {_short(ref[key])} is not an int or a text id"
+    if ref.get("category_id") is not None and not is_id(ref["category_id"]):
+        return f"category_id {_short(ref['category_id'])} is not an int or a text id"
+    return None
+
+
+def _readable_split(ref: Any) -> str:
+    """The entry's split when it can be read (a malformed ref is then reported under it), else ""."""
+    split = ref.get("split") if isinstance(ref, dict) else None
+    return split if is_text(split) and SPLIT_NAME.match(split) else ""
 
 
 def sample_key(image_id: Any) -> str:
@@ -71,32 +147,43 @@ def _check_layout(refer_root: Path, images_dir: Path, dataset: str, split_by: st
     return dataset_dir / "instances.json", refs_path
 
 
-def _sentences(ref: dict) -> tuple[list[dict], int]:
-    """[{sent_id, text}] from the ref's sentences ('sent', else 'raw'), and how many were blank."""
-    kept, blank = [], 0
-    for index, sentence in enumerate(ref.get("sentences") or []):
-        if not isinstance(sentence, dict):
-            blank += 1
-            continue
-        text = sentence.get("sent")
-        if not isinstance(text, str) or not text.strip():
-            text = sentence.get("raw")
-        if not isinstance(text, str) or not text.strip():
-            blank += 1
-            continue
-        sent_id = sentence.get("sent_id", index)
-        kept.append({"sent_id": int(sent_id) if isinstance(sent_id, int) else sent_id, "text": text})
-    return kept, blank
+def _sentence_text(sentence: dict) -> tuple[str | None, str | None]:
+    """(text, None) from 'sent', else 'raw'; or (None, why) with why a DROPPED_SENTENCES reason."""
+    candidates = [sentence.get(field) for field in ("sent", "raw")]
+    candidates = [c for c in candidates if isinstance(c, str) and c.strip()]
+    for candidate in candidates:
+        if is_text(candidate):
+            return candidate, None
+    return None, "undecodable_text" if candidates else "blank_sentence"
 
 
-def _usable_segmentation(segmentation: Any, height: int, width: int) -> str | None:
-    """None when the segmentation can give a mask, else the failure reason (checked without rasterising)."""
+def _sentences(ref: dict) -> tuple[list[dict], Counter]:
+    """[{sent_id, text}] from the ref's sentences, and how many were dropped for each reason."""
+    kept, dropped = [], Counter()
+    sentences = ref.get("sentences")
+    for index, sentence in enumerate(sentences if isinstance(sentences, (list, tuple)) else []):
+        if not isinstance(sentence, dict) or not is_id(sentence.get("sent_id", index)):
+            dropped["blank_sentence"] += 1
+            continue
+        text, why = _sentence_text(sentence)
+        if why is not None:
+            dropped[why] += 1
+            continue
+        kept.append({"sent_id": sentence.get("sent_id", index), "text": text})
+    return kept, dropped
+
+
+def _segmentation_problem(segmentation: Any, height: int, width: int) -> tuple[str, str] | None:
+    """None when the segmentation can give a mask, else (reason, why); checked without rasterising."""
     if isinstance(segmentation, dict):
-        size = segmentation.get("size")
-        if "counts" not in segmentation or not isinstance(size, (list, tuple)) or list(size) != [height, width]:
-            return "malformed_segmentation"
+        try:
+            check_rle(segmentation, height, width)
+        except SegmentationError as exc:
+            return "malformed_segmentation", str(exc)
         return None
-    return None if clean_polygons(segmentation) else "degenerate_polygon"
+    if clean_polygons(segmentation):
+        return None
+    return "degenerate_polygon", "no polygon part has 3 or more finite points"
 
 
 class _Planner:
@@ -106,10 +193,31 @@ class _Planner:
         self.dataset = dataset
         self.refs_path = refs_path
         self.images_dir = images_dir
-        self.images = {im.get("id"): im for im in instances["images"] if isinstance(im, dict)}
-        self.annotations = {a.get("id"): a for a in instances["annotations"] if isinstance(a, dict)}
-        self.categories = {c.get("id"): c.get("name", "") for c in instances["categories"] if isinstance(c, dict)}
         self.failures: list[Failure] = []
+        self.images = {im["id"]: im for im in self._records(instances, "images", "malformed_image_record")}
+        self.annotations = {a["id"]: a for a in self._records(instances, "annotations", "malformed_annotation")}
+        self.categories = {c["id"]: c.get("name", "")
+                           for c in self._records(instances, "categories", "malformed_category")}
+
+    def _records(self, instances: dict, key: str, reason: str) -> list[dict]:
+        """The records of one instances.json list that have a usable id; the others are reported.
+
+        Such a record belongs to no split (nothing can name it), so its failure has split "".
+        """
+        good = []
+        for index, record in enumerate(instances[key]):
+            if not isinstance(record, dict):
+                problem = f"is a {type(record).__name__}, not a record"
+            elif not is_id(record.get("id")):
+                problem = f"has id {_short(record.get('id'))}, not an int or a text id"
+            elif key == "categories" and not is_text(record.get("name", "")):
+                problem = f"has name {_short(record.get('name'))}, not text"
+            else:
+                good.append(record)
+                continue
+            self.fail(reason, f"entry {index} of '{key}' in instances.json {problem}", "",
+                      path=f"instances.json#{key}[{index}]")
+        return good
 
     def fail(self, reason: str, detail: str, split: str, ref_id: Any = None, path: str | None = None) -> None:
         where = path if path is not None else f"{self.refs_path}#ref_id={ref_id}"
@@ -119,9 +227,9 @@ class _Planner:
         """The image file under images_dir, or None (reported) when the record or the file is unusable."""
         file_name = image.get("file_name")
         width, height = image.get("width"), image.get("height")
-        if not isinstance(file_name, str) or not isinstance(width, int) or not isinstance(height, int):
-            self.fail("malformed_image_record", f"image {image.get('id')} lacks file_name/width/height in instances.json",
-                      split, path=f"instances.json#image_id={image.get('id')}")
+        if not (is_text(file_name) and _positive_int(width) and _positive_int(height)):
+            self.fail("malformed_image_record", f"image {image.get('id')} lacks a file_name or a positive width "
+                      "and height in instances.json", split, path=f"instances.json#image_id={image.get('id')}")
             return None
         parts = Path(file_name).parts
         if Path(file_name).is_absolute() or ".." in parts:
@@ -148,23 +256,29 @@ class _Planner:
                       f"ref {ref_id} is on image {image.get('id')} but its annotation {annotation.get('id')} is on "
                       f"image {annotation.get('image_id')}", split, ref_id)
             return None
-        reason = _usable_segmentation(annotation.get("segmentation"), image["height"], image["width"])
-        if reason is not None:
-            self.fail(reason, f"annotation {annotation.get('id')} of ref {ref_id} has no usable segmentation "
-                      "(a polygon needs 3 or more points; an RLE needs counts and the image's size)", split, ref_id)
+        problem = _segmentation_problem(annotation.get("segmentation"), image["height"], image["width"])
+        if problem is not None:
+            self.fail(problem[0], f"annotation {annotation.get('id')} of ref {ref_id} has no usable segmentation "
+                      f"({problem[1]})", split, ref_id)
             return None
-        sentences, blank = _sentences(ref)
-        if blank:
-            self.fail("blank_sentence", f"ref {ref_id} has {blank} blank or malformed sentence(s), dropped", split, ref_id)
+        sentences, dropped = _sentences(ref)
         if not sentences:
-            self.fail("no_sentences", f"ref {ref_id} has no sentence", split, ref_id)
+            reason = "undecodable_text" if dropped["undecodable_text"] else "no_sentences"
+            why = ", ".join(f"{count} {DROPPED_SENTENCES[r]}" for r, count in sorted(dropped.items()))
+            self.fail(reason, f"ref {ref_id} has no usable sentence" + (f" ({why})" if why else ""), split, ref_id)
             return None
         bbox = annotation.get("bbox")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-                and all(math.isfinite(v) for v in bbox)):
-            self.fail("malformed_bbox", f"annotation {annotation.get('id')} of ref {ref_id} has bbox {bbox!r}", split, ref_id)
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite_number(v) for v in bbox)):
+            self.fail("malformed_bbox", f"annotation {annotation.get('id')} of ref {ref_id} has bbox {_short(bbox)}",
+                      split, ref_id)
             return None
         category_id = ref.get("category_id", annotation.get("category_id"))
+        if category_id is not None and not is_id(category_id):
+            self.fail("malformed_annotation", f"annotation {annotation.get('id')} of ref {ref_id} has category_id "
+                      f"{_short(category_id)}, not an int or a text id", split, ref_id)
+            return None
+        for reason, count in sorted(dropped.items()):  # the ref is kept: report what it lost
+            self.fail(reason, f"ref {ref_id}: {count} {DROPPED_SENTENCES[reason]} dropped", split, ref_id)
         return {
             "ref_id": ref_id,
             "ann_id": annotation.get("id"),
@@ -190,7 +304,7 @@ def plan_refcoco(
     refs = load_refs(refs_path)
     planner = _Planner(dataset, refs_path, images_dir, instances)
 
-    found_splits = {r.get("split") for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)}
+    found_splits = {r["split"] for r in refs if _readable_split(r)}
     expected = KNOWN_SPLITS.get((dataset, split_by), [])
     available = expected + sorted(found_splits - set(expected))
     if splits:
@@ -202,13 +316,22 @@ def plan_refcoco(
         selected = available
 
     grouped: dict[tuple[str, Any], list[dict]] = defaultdict(list)
+    in_selection = 0  # refs of the selected splits, and malformed ones whose split cannot be read
     for position, ref in enumerate(refs):
-        if not isinstance(ref, dict) or not {"ref_id", "ann_id", "image_id", "split"} <= ref.keys():
-            planner.fail("malformed_ref", "entry lacks ref_id/ann_id/image_id/split", "",
-                         path=f"{refs_path}#index={position}")
+        split = _readable_split(ref)
+        if split and split not in selected:
             continue
-        if ref["split"] in selected:
-            grouped[(ref["split"], ref["image_id"])].append(ref)
+        in_selection += 1
+        problem = _ref_problem(ref)
+        if problem is not None:
+            planner.fail("malformed_ref", f"refs entry {position}: {problem}", split, path=f"{refs_path}#index={position}")
+            continue
+        grouped[(split, ref["image_id"])].append(ref)
+    if not in_selection:
+        where = f"0 refs in {refs_path.name}" if not refs else (
+            f"{refs_path.name} has no ref in split {', '.join(selected)} (its refs are in "
+            f"{', '.join(sorted(found_splits)) or 'no readable split'})")
+        raise UserError(f"no sample could be built: {where}.")
 
     specs: dict[str, list[SampleSpec]] = {split: [] for split in selected}
     counts = {split: {"images": 0, "refs": 0, "sentences": 0} for split in selected}
