@@ -357,7 +357,8 @@ def _csv_rows(path: Path, fmt: str, failures: list[Failure]) -> tuple[list[str],
             except StopIteration:
                 break
             except csv.Error as exc:  # e.g. a field above csv's size limit: that record is skipped
-                failures.append(Failure(f"{path.name}:{start}", "malformed_row", f"the row cannot be read ({exc})", SPLIT))
+                failures.append(Failure(f"{path.name}:{start}", "malformed_row", f"the row cannot be read ({exc})",
+                                        SPLIT))
                 if reader.line_num < start:  # nothing was consumed: stop rather than loop
                     break
                 start = reader.line_num + 1

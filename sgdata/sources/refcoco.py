@@ -324,7 +324,8 @@ def plan_refcoco(
         in_selection += 1
         problem = _ref_problem(ref)
         if problem is not None:
-            planner.fail("malformed_ref", f"refs entry {position}: {problem}", split, path=f"{refs_path}#index={position}")
+            planner.fail("malformed_ref", f"refs entry {position}: {problem}", split,
+                         path=f"{refs_path}#index={position}")
             continue
         grouped[(split, ref["image_id"])].append(ref)
     if not in_selection:
