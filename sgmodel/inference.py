@@ -30,12 +30,33 @@ def group_by_size(sizes: list[Size]) -> dict[Size, list[int]]:
     return dict(groups)
 
 
+def _interpolation_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """(out, in) weights of 1-D linear interpolation with half-pixel centres (align_corners=False),
+    the same sample positions and edge clamping as F.interpolate(mode="bilinear")."""
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    low = src.floor().long().clamp(max=in_size - 1)
+    high = (low + 1).clamp(max=in_size - 1)
+    frac = src - low
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    weights.index_put_((rows, low), 1 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
+    return weights.float()
+
+
 def upsample_group(maps: torch.Tensor, size: Size) -> torch.Tensor:
-    """maps (G, h, w) -> (G, H, W) float, bilinear (half-pixel centres, as image resizing does)."""
+    """maps (G, h, w) -> (G, H, W) float, bilinear (half-pixel centres, as image resizing does).
+
+    Bilinear resizing is separable, so it runs as two small matmuls (rows, then columns) instead of
+    F.interpolate, whose single-channel CPU kernel is several times slower at mask resolution.
+    """
     maps = maps.float()
-    if tuple(maps.shape[-2:]) == tuple(size):
+    (h, w), (H, W) = maps.shape[-2:], tuple(size)
+    if (h, w) == (H, W):
         return maps
-    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+    rows = _interpolation_matrix(H, h).to(maps.device)  # (H, h)
+    cols = _interpolation_matrix(W, w).to(maps.device)  # (W, w)
+    return rows @ maps @ cols.T  # (G, H, W)
 
 
 def upsample_maps(maps: torch.Tensor, sizes: list[Size]) -> list[torch.Tensor]:
@@ -56,6 +77,18 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     return norm.view_as(maps)
 
 
+def threshold_maps(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(G, H, W) -> bool (G, H, W): min-max normalise each map, then > threshold, in one pass.
+
+    (x - min) / (max - min) > t  is  x > min + t·(max - min): no normalised copy and no division,
+    which matters at the original mask resolution (millions of pixels per phrase). A flat map
+    (max = min) gives an empty mask, as normalize_maps does.
+    """
+    flat = maps.float().flatten(1)  # (G, H*W)
+    low, high = torch.aminmax(flat, dim=1, keepdim=True)  # (G, 1) each
+    return (flat > low + threshold * (high - low)).view(maps.shape)
+
+
 def _per_group(maps, fn):
     """Apply fn to a (G, H, W) tensor, or to a list of (H, W) maps grouped by size (same order back)."""
     if isinstance(maps, torch.Tensor):
@@ -72,7 +105,7 @@ def masks_from_maps(maps, threshold: float = 0.5):
 
     Takes a (G, H, W) tensor (returns a bool tensor) or a list of (H, W) maps (returns a list).
     """
-    return _per_group(maps, lambda group: normalize_maps(group) > threshold)
+    return _per_group(maps, lambda group: threshold_maps(group, threshold))
 
 
 def argmax_points(maps):

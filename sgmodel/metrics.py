@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sgmodel.inference import group_by_size, normalize_maps, upsample_group
+from sgmodel.inference import group_by_size, threshold_maps, upsample_group
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -44,13 +44,15 @@ class MetricAccumulator:
         hits = torch.zeros(count, dtype=torch.bool)
         for size, idx in group_by_size([tuple(m.shape[-2:]) for m in gt_masks]).items():
             response = upsample_group(maps[idx], size)  # (G, H, W)
-            pred = (normalize_maps(response) > self.threshold).flatten(1)  # (G, H*W)
-            gt = torch.stack([gt_masks[i] for i in idx]).to(response.device, torch.bool).flatten(1)  # (G, H*W)
+            # uint8 views: CPU kernels for stacking and summing bytes are several times faster than for bool
+            pred = threshold_maps(response, self.threshold).flatten(1).view(torch.uint8)  # (G, H*W)
+            gt = torch.stack([gt_masks[i].to(torch.bool).view(torch.uint8) for i in idx]).to(response.device).flatten(1)
             index = torch.as_tensor(idx)
-            inter[index] = (pred & gt).sum(dim=1).cpu()
-            union[index] = (pred | gt).sum(dim=1).cpu()
+            both = (pred & gt).sum(dim=1, dtype=torch.int64)  # (G,)
+            inter[index] = both.cpu()
+            union[index] = (pred.sum(dim=1, dtype=torch.int64) + gt.sum(dim=1, dtype=torch.int64) - both).cpu()
             peak = response.flatten(1).argmax(dim=1, keepdim=True)  # (G, 1)
-            hits[index] = gt.gather(1, peak).squeeze(1).cpu()
+            hits[index] = gt.gather(1, peak).squeeze(1).bool().cpu()
         iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.zeros(count, dtype=torch.double))
         self.intersections += inter.tolist()
         self.unions += union.tolist()
