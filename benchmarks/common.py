@@ -1,0 +1,177 @@
+"""What every benchmark shares: the result record, side-by-side timing, child processes, the machine.
+
+Why the benchmarks are built this way:
+- Absolute times drift with machine load (the benchmark machine is often shared), so every figure is a
+  ratio of two things measured in the same run, alternating between the two sides round by round,
+  and each side's figure is the median over rounds.
+- Peak memory is a property of a whole process: each configuration whose memory we report runs in a
+  fresh child process and reports its own peak resident set size (`peak_rss_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "_work"  # scratch space for generated inputs and outputs (git-ignored)
+RESULTS = ROOT / "benchmarks" / "results.json"
+REQUIRED = ("build_passthrough", "build_resize", "storage", "loader", "train_step_paper", "train_step_tiny", "eval")
+LOWER_IS_BETTER = {"storage"}  # bytes: ratio = baseline / ours
+
+
+def result(name: str, value: float, limit_or_baseline: float, unit: str, **extra: Any) -> dict[str, Any]:
+    """One row of results.json; ratio > 1 always means better than the limit/baseline side."""
+    if name in LOWER_IS_BETTER:
+        ratio = limit_or_baseline / value if value else float("inf")
+    else:
+        ratio = value / limit_or_baseline if limit_or_baseline else float("inf")
+    return {"value": value, "limit_or_baseline": limit_or_baseline, "ratio": round(ratio, 4), "unit": unit, **extra}
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call each side once per round, reversing the order every other round; return every side's values.
+
+    Alternating (A B, B A, A B ...) spreads slow drifts of the machine's load evenly over the sides.
+    """
+    names = list(sides)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            values[name].append(sides[name]())
+    return values
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set size.
+
+    Linux's VmHWM (the high-water mark of this address space) when available: a child's ru_maxrss also
+    carries the RSS its parent had when it was spawned (the kernel keeps the larger across exec), so a
+    child of a big benchmark driver would report the driver's memory. ru_maxrss (KiB) elsewhere.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def process_tree_cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by a process and its live descendants (Linux /proc)."""
+    pid = os.getpid() if pid is None else pid
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / tick
+        children = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += (task / "children").read_text().split()
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return total + sum(process_tree_cpu_seconds(int(c)) for c in children)
+
+
+def python() -> str:
+    return sys.executable
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_child(module: str, args: list[str], timeout: float, threads: int | None = None) -> dict[str, Any]:
+    """Run `python -m module args` in a fresh process; it prints one JSON object as its last stdout line."""
+    proc = subprocess.run(
+        [python(), "-m", module, *args], cwd=ROOT, env=child_env(threads), capture_output=True, text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{module} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    import PIL
+    import torch
+
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        mem = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        info["memory_gb"] = round(int(mem["MemTotal"].split()[0]) / 2**20, 1)
+    except (OSError, KeyError, ValueError):
+        pass
+    return info
+
+
+def fmt(value: float) -> str:
+    """Numbers for the table: 3 significant digits, thousands as k/M/G where that reads better."""
+    if value == 0 or value != value:
+        return str(value)
+    magnitude = abs(value)
+    for bound, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
+        if magnitude >= bound:
+            return f"{value / bound:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def table(results: dict[str, dict[str, Any]], goals: dict[str, float]) -> str:
+    """The one printed table (also pasted into docs/benchmarks.md): markdown, so it reads in both places."""
+    rows = ["| benchmark | ours | limit / baseline | unit | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        goal = goals.get(name)
+        met = "" if goal is None else ("yes" if r["ratio"] >= goal else "**no**")
+        rows.append(
+            f"| {name} | {fmt(r['value'])} | {fmt(r['limit_or_baseline'])} | {r['unit']} | {r['ratio']:.2f}x | "
+            f"{'' if goal is None else f'>= {goal}x'} | {met} |"
+        )
+    return "\n".join(rows)
