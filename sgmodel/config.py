@@ -59,7 +59,15 @@ class Config:
     dropout: float = 0.1
     standardize_features: bool = False  # per-channel standardise image tokens (stats from the data)
 
+    # Position encoding on the values too, so slot vectors say where their entity is (the paper adds
+    # it to the keys only: slots then know what, not where — "the leftmost" has nothing to match).
+    slot_value_position: bool = False
+
     # ---- gather: text-conditioned fusion --------------------------------------------------------
+    # Layers of the head from text-encoder features to d: 1 = the paper's linear layer; 2+ = an MLP
+    # (GELU), which lets frozen sentence features that differ in one word ("the triangle" / "the only
+    # triangle") map to different queries.
+    text_head_layers: int = 1
     gather_heads: int = 4
     gather_head_dim: int = 256
     gather_query_residual: bool = True  # add the text query to the fused vector (paper: yes)
@@ -67,10 +75,18 @@ class Config:
     logit_scale: float = 1.0  # temperature 1 in the paper
     learn_logit_scale: bool = False
     drop_duplicate_negatives: bool = False  # other images carrying the identical phrase are not negatives
+    # ... nor other images described with every content word of the phrase (losses.entailed_phrase_mask)
+    drop_entailed_negatives: bool = False
     gather_negatives: bool = False  # use every rank's images as negatives (DDP)
 
     # ---- reconstruction ------------------------------------------------------------------------
     recon_weight: float = 1.0
+    # The contrastive loss's weight is 0 for the first `contrastive_warmup_steps` optimizer steps
+    # (reconstruction only: the slots first learn to split the image), then ramps linearly to 1 over
+    # `contrastive_ramp_steps` (the public code ramps it over 5000 iterations; the paper's recipe here
+    # uses the learning-rate warm-up instead, so both default to 0).
+    contrastive_warmup_steps: int = 0
+    contrastive_ramp_steps: int = 0
     decoder_hidden: int = 512
     decoder_layers: int = 4
 

@@ -45,12 +45,17 @@ def normalize_phrase(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def duplicate_phrase_mask(texts: list[str], image_texts: list[list[str]]) -> torch.Tensor:
+def duplicate_phrase_mask(texts: list[str], image_texts: list[list[str]], entailed: bool = False) -> torch.Tensor:
     """(T, B_all) bool: True where image i carries the same phrase as text j.
 
     Small vocabularies (e.g. synthetic "the red circle") make such false negatives frequent; the
     contrastive loss drops them from the negatives (the positive itself is kept there).
+    entailed: also True where a phrase of image i holds every content word of text j ("the red one"
+    and an image described as having "the red circle"): such an image very likely shows what j
+    names too, so it is no negative either (see entailed_phrase_mask).
     """
+    if entailed:
+        return entailed_phrase_mask(texts, image_texts)
     vocab: dict[str, int] = {}
     text_ids = torch.tensor([vocab.setdefault(normalize_phrase(t), len(vocab)) for t in texts], dtype=torch.long)
     pair_images, pair_ids = [], []
@@ -64,4 +69,48 @@ def duplicate_phrase_mask(texts: list[str], image_texts: list[list[str]]) -> tor
         matches = text_ids[:, None] == torch.tensor(pair_ids)[None, :]  # (T, P)
         rows, cols = matches.nonzero(as_tuple=True)
         mask[rows, torch.tensor(pair_images)[cols]] = True
+    return mask
+
+
+# Words that say nothing about which entity is meant: articles, copulas, prepositions and head nouns
+# that fit anything ("the red one", "the red shape", "the only triangle").
+GENERIC_WORDS = frozenset(
+    "a an the this that these those is are which who one ones object objects shape shapes thing things "
+    "only of on in at to with and".split()
+)
+
+
+def content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in normalize_phrase(text).replace(",", " ").split() if w not in GENERIC_WORDS)
+
+
+def entailed_phrase_mask(texts: list[str], image_texts: list[list[str]]) -> torch.Tensor:
+    """(T, B_all) bool: True where some phrase of image i contains every content word of text j.
+
+    A phrase that is true of many images ("the triangle", "the red one") has most of the batch as
+    false negatives under the plain contrastive loss, which then teaches it to avoid the very objects
+    it names. When another image is described with the same content words and more ("the blue
+    triangle" contains "triangle"), it is dropped from that phrase's negatives. One matrix product
+    over a bag-of-words vocabulary: j ⊆ p  <=>  |j \ p| = 0.
+    """
+    vocab: dict[str, int] = {}
+    phrases = [(i, content_words(p)) for i, group in enumerate(image_texts) for p in set(group)]
+    text_words = [content_words(t) for t in texts]
+    for words in text_words + [w for _, w in phrases]:
+        for word in words:
+            vocab.setdefault(word, len(vocab))
+    mask = torch.zeros(len(texts), len(image_texts), dtype=torch.bool)
+    if not phrases or not texts:
+        return mask
+    def bags(word_sets):
+        out = torch.zeros(len(word_sets), max(1, len(vocab)))
+        for row, words in enumerate(word_sets):
+            out[row, [vocab[w] for w in words]] = 1.0
+        return out
+    text_bags = bags(text_words)  # (T, V)
+    phrase_bags = bags([w for _, w in phrases])  # (P, V)
+    missing = text_bags @ (1.0 - phrase_bags).T  # (T, P): content words of j absent from p
+    rows, cols = (missing == 0).nonzero(as_tuple=True)
+    owners = torch.tensor([i for i, _ in phrases])
+    mask[rows, owners[cols]] = True
     return mask

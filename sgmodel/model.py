@@ -7,7 +7,8 @@ features), and `text_image_index` tying each phrase to its image.
 Switches measured to matter at small scale (DESIGN §7; defaults stay the paper's):
 standardize_features (per-channel standardised tokens, input and reconstruction target),
 normalize_text + learn_logit_scale/logit_scale, gather_query_residual=False (z from the slots only),
-drop_duplicate_negatives (other images carrying the identical phrase are not negatives).
+drop_duplicate_negatives (other images carrying the identical phrase are not negatives) and
+drop_entailed_negatives (nor those described with every content word of the phrase).
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ class ShatterAndGather(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
         self.shatter = EntitySlotAttention(cfg, channels)
-        self.text_proj = nn.Linear(self.text_encoder.out_dim, cfg.dim)  # "[CLS] -> linear layer to d"
+        self.text_proj = text_head(self.text_encoder.out_dim, cfg.dim, cfg.text_head_layers)  # "[CLS] -> linear layer to d"
         self.gather = TextGather(cfg)
         self.decoder = SpatialBroadcastDecoder(cfg, channels) if cfg.recon_weight > 0 else None
+        if cfg.contrastive_warmup_steps > 0 or cfg.contrastive_ramp_steps > 0:
+            # training steps seen, kept in the state dict so a resumed run continues the schedule
+            self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         log_scale = torch.tensor(math.log(cfg.logit_scale))
         if cfg.learn_logit_scale:
             self.log_logit_scale = nn.Parameter(log_scale)
@@ -88,8 +92,16 @@ class ShatterAndGather(nn.Module):
     def text_features(self, batch: dict) -> torch.Tensor:
         """(T, Ct): cached phrase features when the batch has them, else the text encoder."""
         if "text_feats" in batch:
-            return batch["text_feats"].to(self.text_proj.weight.device, self.text_proj.weight.dtype)
-        return self.text_encoder(batch["input_ids"], batch["attention_mask"])
+            weight = next(self.text_proj.parameters())
+            return batch["text_feats"].to(weight.device, weight.dtype)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (T, L) each
+        if self.text_encoder.training:
+            return self.text_encoder(ids, mask)
+        # Without dropout identical phrases give identical vectors, and a batch repeats many phrases
+        # ("the red circle"): encode each distinct one once and copy the vector to its places.
+        rows, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # (U, 2L), (T,)
+        length = ids.shape[1]
+        return self.text_encoder(rows[:, :length], rows[:, length:])[inverse]  # (T, Ct)
 
     def text_embedding(self, batch: dict) -> torch.Tensor:
         t = self.text_proj(self.text_features(batch))  # (T, d)
@@ -115,14 +127,30 @@ class ShatterAndGather(nn.Module):
             reconstruction = reconstruction_loss(recon, tokens)
         else:
             reconstruction = contrastive.new_zeros(())
-        loss = contrastive + self.cfg.recon_weight * reconstruction
-        return {
+        weight = self.contrastive_weight()
+        loss = weight * contrastive + self.cfg.recon_weight * reconstruction
+        out = {
             "loss": loss,
             "contrastive": contrastive.detach(),
             "reconstruction": reconstruction.detach(),
             "accuracy": accuracy,
             "logit_scale": scale.detach(),
         }
+        if hasattr(self, "steps_seen"):
+            out["contrastive_weight"] = torch.tensor(weight)
+        return out
+
+    def contrastive_weight(self) -> float:
+        """1, or the warm-up schedule's weight at this training step (counted here: one forward per step)."""
+        if not hasattr(self, "steps_seen"):
+            return 1.0
+        step = int(self.steps_seen)
+        if self.training:
+            self.steps_seen += 1
+        warm, ramp = self.cfg.contrastive_warmup_steps, self.cfg.contrastive_ramp_steps
+        if step < warm:
+            return 0.0
+        return min(1.0, (step - warm + 1) / ramp) if ramp > 0 else 1.0
 
     def _negatives(self, slots: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """The images every local text is contrasted with: (slots (B_all, K, d), local offset, excluded mask).
@@ -131,10 +159,11 @@ class ShatterAndGather(nn.Module):
         columns are excluded). The excluded mask (T, B_all) also drops duplicate-phrase negatives.
         """
         b = slots.shape[0]
-        dedup = self.cfg.drop_duplicate_negatives
+        dedup = self.cfg.drop_duplicate_negatives or self.cfg.drop_entailed_negatives
+        entailed = self.cfg.drop_entailed_negatives
         image_texts = (batch.get("image_texts") or _texts_per_image(batch, b)) if dedup else []
         if not (self.cfg.gather_negatives and distributed.get_world_size() > 1):
-            excluded = duplicate_phrase_mask(batch["texts"], image_texts).to(slots.device) if dedup else None
+            excluded = duplicate_phrase_mask(batch["texts"], image_texts, entailed).to(slots.device) if dedup else None
             return slots, 0, excluded
         sizes = [int(s) for s in distributed.all_gather_object(b)]
         padded_b = max(sizes)
@@ -149,7 +178,7 @@ class ShatterAndGather(nn.Module):
             all_texts: list[list[str]] = []
             for rank_texts in distributed.all_gather_object(image_texts):
                 all_texts += list(rank_texts) + [[]] * (padded_b - len(rank_texts))
-            excluded = excluded | duplicate_phrase_mask(batch["texts"], all_texts)
+            excluded = excluded | duplicate_phrase_mask(batch["texts"], all_texts, entailed)
         return gathered, offset, excluded.to(slots.device)
 
     # ---- inference -----------------------------------------------------------------------------
@@ -211,6 +240,18 @@ class ShatterAndGather(nn.Module):
                 }
             )
         return out
+
+
+def text_head(in_dim: int, dim: int, layers: int) -> nn.Module:
+    """Text-encoder features -> d: the paper's linear layer (layers=1), or an MLP with GELU between layers."""
+    if layers < 1:
+        raise UserError(f"text_head_layers must be at least 1, got {layers}")
+    if layers == 1:
+        return nn.Linear(in_dim, dim)
+    parts: list[nn.Module] = [nn.Linear(in_dim, dim)]
+    for _ in range(layers - 1):
+        parts += [nn.GELU(), nn.Linear(dim, dim)]
+    return nn.Sequential(*parts)
 
 
 def _texts_per_image(batch: dict, num_images: int) -> list[list[str]]:

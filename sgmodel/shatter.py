@@ -89,6 +89,7 @@ class EntitySlotAttention(nn.Module):
             raise UserError("slot_groups, slots_per_group and slot_iters must all be at least 1")
         self.num_slots = self.groups * self.per_group
         self.iters = cfg.slot_iters
+        self.value_position = cfg.slot_value_position
         self.dim = d
         self.cross_heads, self.cross_head_dim = cfg.slot_cross_heads, cfg.slot_cross_head_dim
         self.self_heads, self.self_head_dim = cfg.slot_self_heads, cfg.slot_self_head_dim
@@ -174,10 +175,10 @@ class EntitySlotAttention(nn.Module):
         if grid[0] * grid[1] != n:
             raise UserError(f"{n} image tokens do not fill a {grid[0]}x{grid[1]} grid")
         x = self.input_norm(self.input_proj(tokens))  # (B, N, d)
-        pos = sine_position_encoding(grid, self.dim, device=x.device, dtype=x.dtype)  # (N, d), keys only
+        pos = sine_position_encoding(grid, self.dim, device=x.device, dtype=x.dtype)  # (N, d): keys (and values if configured)
         heads, hd = self.cross_heads, self.cross_head_dim
         keys = self.to_k(x + pos).view(b, n, heads, hd).transpose(1, 2) * hd**-0.5  # (B, H, N, hd)
-        values = self.to_v(x).view(b, n, heads, hd).transpose(1, 2)  # (B, H, N, hd)
+        values = self.to_v(x + pos if self.value_position else x).view(b, n, heads, hd).transpose(1, 2)  # (B, H, N, hd)
         slots = self.initial_slots(b, deterministic)
         attn = None
         for _ in range(self.iters):
