@@ -186,6 +186,18 @@ def log_record(step: int, epoch: int, outputs: dict, lr: float, grad_norm: torch
     return record
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the model's parameter groups, fused when every parameter allows it.
+
+    The fused kernel updates all tensors in one pass; the default per-tensor loop dominated the
+    paper-size step on CPU (docs/benchmarks.md). Fused and unfused give the same update rule.
+    """
+    groups = model.param_groups()
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -255,7 +267,7 @@ def train(argv: list[str] | None = None) -> int:
 
     data = train_data(cfg, tokenizer, rank, world, features, on_cuda)
     max_steps = cfg.max_steps or cfg.epochs * data.steps_per_epoch
-    optimizer = torch.optim.AdamW(unwrap(model).param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(unwrap(model), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, max_steps))
     step = 0
     if resumed is not None:
