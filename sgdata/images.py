@@ -127,9 +127,14 @@ def load_image(path: str, *, max_size: int | None = None, max_pixels: int = 80_0
     if is_jpeg and target_size != upright_size:
         # Let libjpeg decode at a reduced DCT scale when the target is far smaller: same result class, far less work.
         image.draft("RGB", oriented_size(*target_size, transpose))
-    _decode(image, path)
     if is_jpeg and image.mode == "RGB" and transpose is None and target_size == upright_size:
+        # Passthrough keeps the file's bytes, so decoding only has to prove the stream is whole:
+        # at 1/8 scale libjpeg still entropy-decodes every block (a truncated file still fails) but
+        # skips the inverse DCT, upsampling and colour conversion.
+        image.draft("RGB", (max(1, source_width // 8), max(1, source_height // 8)))
+        _decode(image, path)
         return StoredImage(data, source_width, source_height, source_width, source_height, None, True)
+    _decode(image, path)
     image = _to_rgb(image)
     if transpose is not None:
         image = image.transpose(transpose)
