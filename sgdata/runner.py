@@ -108,8 +108,10 @@ class RayRunner:
             return []
         start = time.perf_counter()
         started = self._start()
-        self.startup_seconds = time.perf_counter() - start
         try:
+            if started:  # workers start after ray.init returns: wait for them here, so start-up is not counted as build time
+                ray.get([ray.remote(num_cpus=1)(_warm_up).remote() for _ in range(int(self.num_cpus or 1))])
+            self.startup_seconds = time.perf_counter() - start
             remote = ray.remote(num_cpus=1, max_retries=3)(_call)
             fn_ref = ray.put(fn)
             total_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -137,6 +139,13 @@ class RayRunner:
         finally:
             if started:
                 ray.shutdown()
+
+
+def _warm_up() -> None:
+    """Runs once per local worker before the shards: the worker process is up and has imported the
+    modules every shard task needs."""
+    import sgdata.samples  # noqa: F401
+    import sgdata.writer  # noqa: F401
 
 
 def make_runner(workers: int | None, ray_address: str | None, retries: int = 2) -> Runner:
