@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from benchmarks.common import WORK, median, result
+from benchmarks.common import WORK, median, process_cpu_seconds, result
 
 DATASET = "benchref"
 WIDTH, HEIGHT = 640, 480
@@ -36,6 +36,7 @@ MAX_SIZE = 480
 # (four fsyncs, the part record, one task) are spread over 20x more images there.
 SHARD_SIZE = 50
 WORKER_COUNTS = (0, 1, 2)
+PASSTHROUGH_OUT = WORK / "build-passthrough-w0"  # the build the storage, loader and eval benchmarks read
 
 
 def make_source(count: int, seed: int = 7) -> Path:
@@ -172,17 +173,8 @@ class RaySession:
         self.workers_ready_s = time.perf_counter() - start - self.init_s
 
     def worker_cpu_seconds(self) -> float:
-        """CPU seconds (user + system) the session's worker processes have used so far (Linux /proc)."""
-        import os
-
-        total = 0.0
-        for pid in self.pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                return float("nan")
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        """CPU seconds (user + system) the session's worker processes have used so far."""
+        return sum(process_cpu_seconds(pid) for pid in self.pids)
 
     def close(self) -> float:
         import ray
@@ -195,8 +187,8 @@ class RaySession:
 MODES = (("passthrough", None), ("resize", MAX_SIZE))
 
 
-def run(quick: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
-    """(results rows, the build outputs by "<mode>-w<workers>": the storage/loader/eval benchmarks read them).
+def run(quick: bool) -> dict[str, dict[str, Any]]:
+    """The build_passthrough and build_resize rows; leaves the builds in WORK (PASSTHROUGH_OUT among them).
 
     Each round runs the in-process builds and one Ray session per worker count (building both modes),
     in reverse order every other round, and the Pillow limits are measured before the first round and
@@ -281,11 +273,11 @@ def run(quick: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
             extra["file_copy_images_per_s"] = round(median([m["copy"] for m in limits]), 1)
         name = f"build_{mode}"
         results[name] = result(name, by_workers[2]["images_per_s"], by_workers[2]["limit"], "images/s", **extra)
-    return results, outputs
+    return results
 
 
 if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(run("--quick" in sys.argv)[0], indent=1))
+    print(json.dumps(run("--quick" in sys.argv), indent=1))

@@ -17,9 +17,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "_work"  # scratch space for generated inputs and outputs (git-ignored)
@@ -41,25 +40,6 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Call each side once per round, reversing the order every other round; return every side's values.
-
-    Alternating (A B, B A, A B ...) spreads slow drifts of the machine's load evenly over the sides.
-    """
-    names = list(sides)
-    values: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            values[name].append(sides[name]())
-    return values
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def peak_rss_bytes() -> int:
     """This process's own peak resident set size.
 
@@ -76,19 +56,25 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def process_tree_cpu_seconds(pid: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by a process and its live descendants (Linux /proc)."""
-    pid = os.getpid() if pid is None else pid
-    tick = os.sysconf("SC_CLK_TCK")
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far (Linux /proc; NaN when unreadable)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / tick
-        children = []
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def process_tree_cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds used so far by a process and its live descendants (Linux /proc)."""
+    pid = os.getpid() if pid is None else pid
+    children: list[str] = []
+    try:
         for task in Path(f"/proc/{pid}/task").iterdir():
             children += (task / "children").read_text().split()
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return total + sum(process_tree_cpu_seconds(int(c)) for c in children)
+    except OSError:
+        pass
+    return process_cpu_seconds(pid) + sum(process_tree_cpu_seconds(int(c)) for c in children)
 
 
 def python() -> str:

@@ -40,7 +40,7 @@ def run_benchmarks(quick: bool, only: set[str]) -> tuple[dict, dict[str, str], d
     rows: dict = {}
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    passthrough = WORK / "build-passthrough-w0"
+    passthrough = bench_build.PASSTHROUGH_OUT
 
     def attempt(group: str, fn) -> None:
         if group not in only:
@@ -56,7 +56,7 @@ def run_benchmarks(quick: bool, only: set[str]) -> tuple[dict, dict[str, str], d
         print(f"[{group}] {seconds[group]} s", file=sys.stderr, flush=True)
 
     def build():
-        return bench_build.run(quick)[0]
+        return bench_build.run(quick)
 
     def needs_build() -> Path:
         if not (passthrough / "dataset.json").is_file():
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images, rounds and steps (< 5 minutes on 2 cores)")
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {', '.join(GROUPS)}")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the results (default: %(default)s)")
     parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                         help="write the table into docs/benchmarks.md (default: full runs only)")
     args = parser.parse_args(argv)
@@ -120,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         row["measured"] = when
 
     ordered = {name: rows[name] for name in REQUIRED if name in rows}
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results_path = args.results.resolve()
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     merged = {name: ordered.get(name, previous.get(name)) for name in REQUIRED if name in ordered or name in previous}
-    RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(merged, indent=1) + "\n")
 
     machine_line = (f"{info['nproc']} cores ({info['cpu_model']}), {info.get('memory_gb', '?')} GB, torch {info['torch']}, "
                     f"Pillow {info['pillow']}, Python {info['python']}, GPU: {info['gpu'] or 'none'}; "
@@ -137,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print("\nfailed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()), file=sys.stderr)
     write_docs = args.docs if args.docs is not None else not args.quick
-    if write_docs and not errors and set(merged) == set(REQUIRED):
+    wrote_docs = write_docs and not errors and set(merged) == set(REQUIRED)  # only a complete table goes there
+    if wrote_docs:
         update_docs(markdown)
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}" + (f" and {DOCS.relative_to(ROOT)}" if write_docs and not errors else ""),
-          file=sys.stderr)
+    print(f"\nwrote {results_path}" + (f" and {DOCS.relative_to(ROOT)}" if wrote_docs else ""), file=sys.stderr)
     return 1 if errors else 0
 
 
