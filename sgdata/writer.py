@@ -95,7 +95,8 @@ def temporary_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{host}-{os.getpid()}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (shared with sgmodel's checkpoints)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -266,6 +267,6 @@ def write_shard(
     finally:
         if tmp_tar.exists():
             tmp_tar.unlink()
-    _fsync_dir(final_part.parent)
-    _fsync_dir(final_tar.parent)
+    fsync_dir(final_part.parent)
+    fsync_dir(final_tar.parent)
     return record

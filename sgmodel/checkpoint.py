@@ -20,6 +20,7 @@ import torch
 
 import sgmodel
 from sgdata.errors import UserError
+from sgdata.writer import fsync_dir
 from sgmodel.config import Config, from_dict, to_dict
 
 FORMAT = "sgmodel-checkpoint/1"
@@ -107,21 +108,7 @@ def atomic_torch_save(obj: Any, path: Path, shared: bool = False) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (some filesystems refuse; the rename is atomic regardless)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
