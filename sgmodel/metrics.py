@@ -46,7 +46,7 @@ class MetricAccumulator:
             response = upsample_group(maps[idx], size)  # (G, H, W)
             # uint8 views: CPU kernels for stacking and summing bytes are several times faster than for bool
             pred = threshold_maps(response, self.threshold).flatten(1).view(torch.uint8)  # (G, H*W)
-            gt = torch.stack([gt_masks[i].to(torch.bool).view(torch.uint8) for i in idx]).to(response.device).flatten(1)
+            gt = torch.stack([gt_masks[i].ne(0).view(torch.uint8) for i in idx]).to(response.device).flatten(1)  # ne(0): 0/1 bytes
             index = torch.as_tensor(idx)
             both = (pred & gt).sum(dim=1, dtype=torch.int64)  # (G,)
             inter[index] = both.cpu()

@@ -116,3 +116,16 @@ def test_states_merge_across_ranks():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError):
         MetricAccumulator().update(torch.rand(2, 3, 3), [torch.zeros(4, 4, dtype=torch.bool)])
+
+
+def test_masks_whose_true_bytes_are_not_one_score_the_same():
+    """A bool mask can hold 255 for True (e.g. viewed from a PIL mode-"1" buffer); counts must not see 255."""
+    maps = torch.zeros(1, 4, 4)
+    maps[0, :2, :2] = 1.0
+    raw = torch.zeros(4, 4, dtype=torch.uint8)
+    raw[:2, :3] = 255
+    acc_raw, acc_plain = MetricAccumulator(), MetricAccumulator()
+    acc_raw.update(maps, [raw.view(torch.bool)])
+    acc_plain.update(maps, [raw > 0])
+    assert acc_raw.compute() == acc_plain.compute()
+    assert abs(acc_plain.compute()["mIoU"] - 4 / 6) < 1e-9
