@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from benchmarks.common import WORK, median, process_cpu_seconds, result
+from benchmarks.common import WORK, median, pool_rate, process_cpu_seconds, result
 
 DATASET = "benchref"
 WIDTH, HEIGHT = 640, 480
@@ -96,12 +96,7 @@ class PillowLimit:
 
     def rate(self, mode: str, paths: list[str]) -> tuple[float, float]:
         """(images/s, CPU seconds per image) of the loop over `paths` shared among the processes."""
-        shares = [paths[i::self.processes] for i in range(self.processes)]
-        start = time.perf_counter()
-        done = self.pool.map(LOOPS[mode], shares, chunksize=1)
-        seconds = time.perf_counter() - start
-        count = sum(n for n, _ in done)
-        return count / seconds, sum(cpu for _, cpu in done) / count
+        return pool_rate(self.pool, LOOPS[mode], [paths[i::self.processes] for i in range(self.processes)])
 
     def close(self) -> None:
         self.pool.close()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import median, result, run_child
+from benchmarks.common import median, pool_rate, result, run_child
 
 SIZE = 384
 WORKERS = 2
@@ -70,11 +70,7 @@ class DecodeResizeLimit:
     def rate(self, passes: int = 1) -> tuple[float, float]:
         """(images/s, CPU seconds per image)"""
         order = list(range(self.count)) * passes
-        start = time.perf_counter()
-        done = self.pool.map(_decode_resize, [order[i::self.processes] for i in range(self.processes)], chunksize=1)
-        seconds = time.perf_counter() - start
-        count = sum(n for n, _ in done)
-        return count / seconds, sum(cpu for _, cpu in done) / count
+        return pool_rate(self.pool, _decode_resize, [order[i::self.processes] for i in range(self.processes)])
 
     def close(self) -> None:
         self.pool.close()

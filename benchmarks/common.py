@@ -161,3 +161,18 @@ def table(results: dict[str, dict[str, Any]], goals: dict[str, float]) -> str:
             f"{'' if goal is None else f'>= {goal}x'} | {met} |"
         )
     return "\n".join(rows)
+
+
+def pool_rate(pool, loop, shares: list) -> tuple[float, float]:
+    """Run `loop` on each share in a process pool at once; (items/s, CPU seconds per item).
+
+    Each `loop(share)` returns (items done, CPU seconds it spent): the limit loops of the build and
+    loader benchmarks both report through this.
+    """
+    import time
+
+    start = time.perf_counter()
+    done = pool.map(loop, shares, chunksize=1)
+    seconds = time.perf_counter() - start
+    count = sum(n for n, _ in done)
+    return count / seconds, sum(cpu for _, cpu in done) / count
