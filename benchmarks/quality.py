@@ -272,6 +272,32 @@ def plot_curves(run: Path, png: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def plot_sweep(runs: list[Path], png: Path) -> None:
+    """Held-out model mIoU (solid) and PointM (dashed) vs step of several runs' curve.jsonl, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
+    for i, run in enumerate(runs):
+        curve = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines() if line.strip()]
+        steps = [p["step"] for p in curve]
+        colour = plt.cm.tab20(i % 20)
+        left.plot(steps, [p["model"]["mIoU"] for p in curve], "-o", color=colour, markersize=3, label=run.name)
+        right.plot(steps, [p["model"]["PointM"] for p in curve], "--o", color=colour, markersize=3, label=run.name)
+    for axis, name, floor in ((left, "mIoU", 0.40), (right, "PointM", 0.70)):
+        axis.axhline(floor, color="grey", linewidth=0.8)
+        axis.set_title(f"held-out val {name} (grey: the floor)")
+        axis.set_xlabel("step")
+        axis.set_ylim(0, 1 if name == "PointM" else 0.6)
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def overlay_grid(overlay_dir: Path, png: Path, count: int = 8) -> None:
     """The first `count` overlay PNGs of sgmodel.evaluate --save-overlays stacked into one image."""
     from PIL import Image
@@ -292,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--watch", metavar="RUN", help="follow RUN/checkpoint.pt while it trains (curve mode)")
     mode.add_argument("--curves", metavar="RUN", help="plot RUN/log.jsonl + RUN/curve.jsonl into the PNG --out")
     mode.add_argument("--overlay-grid", metavar="DIR", help="stack DIR's overlay PNGs into the PNG --out")
+    mode.add_argument("--sweep", metavar="RUN", nargs="+", help="plot several runs' curve.jsonl into the PNG --out")
     parser.add_argument("--until-step", type=int, default=0, help="with --watch: stop after scoring this step")
     parser.add_argument("--shards", help="referring shards with masks, of a seed never trained on")
     parser.add_argument("--out", required=True, help="quality.json; with --watch a .jsonl curve to append to; a PNG for figures")
@@ -307,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.overlay_grid:
             overlay_grid(Path(args.overlay_grid), out)
+            return 0
+        if args.sweep:
+            plot_sweep([Path(r) for r in args.sweep], out)
             return 0
         if not args.shards:
             raise UserError("--shards is needed to score a checkpoint")

@@ -3,7 +3,8 @@
 #
 #   bash pipelines/quickstart.sh [OUT_DIR]        (default runs/quickstart; needs `pip install -e .[demo]`)
 #
-# synthetic referring set (seed 0, the training images) and a held-out one (seed 1, never trained on)
+# synthetic referring set (seed 0: all its splits are training images) and a held-out one (seed 1,
+#   never trained on; its val split is what gets reported)
 #   -> sgdata build (the same path as RefCOCO) -> python -m sgmodel.train with configs/demo.yaml (frozen
 #   pretrained EfficientNet-Lite0 + MiniLM from the package registry; their features are cached by the
 #   trainer itself) -> evaluate on the held-out val split (+ overlay PNGs) -> the quality benchmark
@@ -12,7 +13,7 @@
 # Leaves in OUT_DIR: run/checkpoint.pt (the last step; never chosen on masks), metrics.json,
 # quality.json + quality.md, overlays/*.png, logs/<stage>.log, timings.txt.
 # Knobs (environment): QUICKSTART_STEPS (training steps, default: the config's max_steps),
-# QUICKSTART_TRAIN_IMAGES (1200), QUICKSTART_HELDOUT_IMAGES (1000: 100 val images), QUICKSTART_OVERLAYS (16).
+# QUICKSTART_TRAIN_IMAGES (2400; every split of seed 0 is trained on), QUICKSTART_HELDOUT_IMAGES (1000: 100 val images), QUICKSTART_OVERLAYS (16).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +23,7 @@ OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
 if [[ -z "${PYTHON:-}" && -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; fi
 SGDATA=("$PY" -m sgdata)
-TRAIN_IMAGES="${QUICKSTART_TRAIN_IMAGES:-1200}"
+TRAIN_IMAGES="${QUICKSTART_TRAIN_IMAGES:-2400}"
 HELDOUT_IMAGES="${QUICKSTART_HELDOUT_IMAGES:-1000}"
 OVERLAYS="${QUICKSTART_OVERLAYS:-16}"
 STEPS=()
@@ -75,10 +76,10 @@ rm -rf "$OUT/data" "$OUT/shards" "$OUT/run" "$OUT/overlays"
 run_stage synth-train   "${SGDATA[@]}" synth "$OUT/data/train" --images "$TRAIN_IMAGES" --seed 0
 run_stage synth-heldout "${SGDATA[@]}" synth "$OUT/data/heldout" --images "$HELDOUT_IMAGES" --seed 1
 run_stage build-train   "${SGDATA[@]}" build refcoco --refer-root "$OUT/data/train" --images "$OUT/data/train/images" \
-    --dataset synthref --split-by unc --splits train --workers 0 --out "$OUT/shards/train"
+    --dataset synthref --split-by unc --workers 0 --out "$OUT/shards/train"
 run_stage build-heldout "${SGDATA[@]}" build refcoco --refer-root "$OUT/data/heldout" --images "$OUT/data/heldout/images" \
     --dataset synthref --split-by unc --splits val --workers 0 --out "$OUT/shards/heldout"
-run_stage train         "$PY" -m sgmodel.train --config configs/demo.yaml --train-shards "$OUT/shards/train/train" \
+run_stage train         "$PY" -m sgmodel.train --config configs/demo.yaml --train-shards "$OUT/shards/train" \
     --out "$OUT/run" --feature-cache "$OUT/features" ${STEPS[@]+"${STEPS[@]}"}
 run_stage evaluate      "$PY" -m sgmodel.evaluate --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
     --out "$OUT/metrics.json" --save-overlays "$OVERLAYS" --overlay-dir "$OUT/overlays"

@@ -64,10 +64,6 @@ class Config:
     slot_value_position: bool = False
 
     # ---- gather: text-conditioned fusion --------------------------------------------------------
-    # Layers of the head from text-encoder features to d: 1 = the paper's linear layer; 2+ = an MLP
-    # (GELU), which lets frozen sentence features that differ in one word ("the triangle" / "the only
-    # triangle") map to different queries.
-    text_head_layers: int = 1
     gather_heads: int = 4
     gather_head_dim: int = 256
     gather_query_residual: bool = True  # add the text query to the fused vector (paper: yes)

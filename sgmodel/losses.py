@@ -72,16 +72,28 @@ def duplicate_phrase_mask(texts: list[str], image_texts: list[list[str]], entail
     return mask
 
 
+# Words that compare an entity with others in its own image ("the left one", "the bigger star").
+RELATION_WORDS = frozenset(
+    "left right leftmost rightmost bigger larger smaller biggest largest smallest big large small "
+    "top bottom upper lower above below".split()
+)
 # Words that say nothing about which entity is meant: articles, copulas, prepositions and head nouns
 # that fit anything ("the red one", "the red shape", "the only triangle").
 GENERIC_WORDS = frozenset(
     "a an the this that these those is are which who one ones object objects shape shapes thing things "
-    "only of on in at to with and".split()
+    "only of on in at to with and far most".split()
 )
 
 
 def content_words(text: str) -> frozenset[str]:
-    return frozenset(w for w in normalize_phrase(text).replace(",", " ").split() if w not in GENERIC_WORDS)
+    """What a phrase says about the entity itself: its words minus generic and relation words.
+
+    Relation words compare the entity with others in the same image, so they do not make a phrase
+    false of another image: "the triangle on the right" may well be true of an image described only
+    as having "the blue triangle".
+    """
+    words = normalize_phrase(text).replace(",", " ").split()
+    return frozenset(w for w in words if w not in GENERIC_WORDS and w not in RELATION_WORDS)
 
 
 def entailed_phrase_mask(texts: list[str], image_texts: list[list[str]]) -> torch.Tensor:
@@ -90,27 +102,27 @@ def entailed_phrase_mask(texts: list[str], image_texts: list[list[str]]) -> torc
     A phrase that is true of many images ("the triangle", "the red one") has most of the batch as
     false negatives under the plain contrastive loss, which then teaches it to avoid the very objects
     it names. When another image is described with the same content words and more ("the blue
-    triangle" contains "triangle"), it is dropped from that phrase's negatives. One matrix product
-    over a bag-of-words vocabulary: j ⊆ p  <=>  |j \ p| = 0.
+    triangle" contains "triangle"), it is dropped from that phrase's negatives; a phrase with no
+    content word at all ("the leftmost object") is true of every image and keeps no negative. One
+    matrix product over a bag-of-words vocabulary: j ⊆ p  <=>  |j minus p| = 0.
     """
-    vocab: dict[str, int] = {}
     phrases = [(i, content_words(p)) for i, group in enumerate(image_texts) for p in set(group)]
     text_words = [content_words(t) for t in texts]
+    vocab: dict[str, int] = {}
     for words in text_words + [w for _, w in phrases]:
-        for word in words:
+        for word in sorted(words):
             vocab.setdefault(word, len(vocab))
     mask = torch.zeros(len(texts), len(image_texts), dtype=torch.bool)
     if not phrases or not texts:
         return mask
-    def bags(word_sets):
+
+    def bags(word_sets: list[frozenset[str]]) -> torch.Tensor:
         out = torch.zeros(len(word_sets), max(1, len(vocab)))
         for row, words in enumerate(word_sets):
             out[row, [vocab[w] for w in words]] = 1.0
         return out
-    text_bags = bags(text_words)  # (T, V)
-    phrase_bags = bags([w for _, w in phrases])  # (P, V)
-    missing = text_bags @ (1.0 - phrase_bags).T  # (T, P): content words of j absent from p
+
+    missing = bags(text_words) @ (1.0 - bags([w for _, w in phrases])).T  # (T, P): words of j absent from p
     rows, cols = (missing == 0).nonzero(as_tuple=True)
-    owners = torch.tensor([i for i, _ in phrases])
-    mask[rows, owners[cols]] = True
+    mask[rows, torch.tensor([i for i, _ in phrases])[cols]] = True
     return mask

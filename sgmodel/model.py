@@ -45,7 +45,7 @@ class ShatterAndGather(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
         self.shatter = EntitySlotAttention(cfg, channels)
-        self.text_proj = text_head(self.text_encoder.out_dim, cfg.dim, cfg.text_head_layers)  # "[CLS] -> linear layer to d"
+        self.text_proj = nn.Linear(self.text_encoder.out_dim, cfg.dim)  # "[CLS] -> linear layer to d"
         self.gather = TextGather(cfg)
         self.decoder = SpatialBroadcastDecoder(cfg, channels) if cfg.recon_weight > 0 else None
         if cfg.contrastive_warmup_steps > 0 or cfg.contrastive_ramp_steps > 0:
@@ -92,8 +92,7 @@ class ShatterAndGather(nn.Module):
     def text_features(self, batch: dict) -> torch.Tensor:
         """(T, Ct): cached phrase features when the batch has them, else the text encoder."""
         if "text_feats" in batch:
-            weight = next(self.text_proj.parameters())
-            return batch["text_feats"].to(weight.device, weight.dtype)
+            return batch["text_feats"].to(self.text_proj.weight.device, self.text_proj.weight.dtype)
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (T, L) each
         if self.text_encoder.training:
             return self.text_encoder(ids, mask)
@@ -240,18 +239,6 @@ class ShatterAndGather(nn.Module):
                 }
             )
         return out
-
-
-def text_head(in_dim: int, dim: int, layers: int) -> nn.Module:
-    """Text-encoder features -> d: the paper's linear layer (layers=1), or an MLP with GELU between layers."""
-    if layers < 1:
-        raise UserError(f"text_head_layers must be at least 1, got {layers}")
-    if layers == 1:
-        return nn.Linear(in_dim, dim)
-    parts: list[nn.Module] = [nn.Linear(in_dim, dim)]
-    for _ in range(layers - 1):
-        parts += [nn.GELU(), nn.Linear(dim, dim)]
-    return nn.Sequential(*parts)
 
 
 def _texts_per_image(batch: dict, num_images: int) -> list[list[str]]:
