@@ -43,8 +43,6 @@ from sgdata.errors import UserError
 from sgdata.images import decode_rgb
 from sgdata.masks import rle_to_mask
 
-IMAGE_MEAN = 0.5  # the paper normalises with mean = std = 0.5 on every channel
-IMAGE_STD = 0.5
 _WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
 
 
@@ -183,15 +181,18 @@ def eval_phrases(sample_json: dict) -> list[tuple[str, dict]]:
 
 
 def image_to_tensor(image: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
-    """RGB PIL image -> float (3, H, W) at the training size (aspect not kept, bilinear), mean = std = 0.5."""
+    """RGB PIL image -> uint8 (3, H, W) at the training size (aspect not kept, bilinear).
+
+    Pixels stay uint8 until the image encoder (encoders.normalize_pixels): a quarter of the bytes to
+    hand from loader workers to the trainer, and no float pass in the workers.
+    """
     height, width = image_size
     resized = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())  # (H, W, 3)
-    return (pixels.permute(2, 0, 1).float() / 255.0 - IMAGE_MEAN) / IMAGE_STD  # (3, H, W)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
 
 
 def decode_image(data: bytes, image_size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Shard `jpg` bytes -> (normalised (3, H, W) tensor, (height, width) of the stored image)."""
+    """Shard `jpg` bytes -> (uint8 (3, H, W) tensor at the training size, (height, width) of the stored image)."""
     image = decode_rgb(data)
     return image_to_tensor(image, image_size), (image.height, image.width)
 
@@ -223,7 +224,7 @@ def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any
     if "image_tokens" in items[0]:
         batch["image_tokens"] = torch.stack([item["image_tokens"] for item in items]).float()  # (B, N, C)
     else:
-        batch["images"] = torch.stack([item["image"] for item in items])  # (B, 3, H, W)
+        batch["images"] = torch.stack([item["image"] for item in items])  # (B, 3, H, W) uint8
     if "text_feats" in items[0]:
         batch["text_feats"] = torch.cat([item["text_feats"] for item in items]).float()  # (T, Ct)
     else:

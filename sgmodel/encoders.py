@@ -189,13 +189,28 @@ class _Encoder(nn.Module):
 # ---- image encoders --------------------------------------------------------------------------------
 
 
+IMAGE_MEAN = 0.5  # the paper normalises with mean = std = 0.5 on every channel
+IMAGE_STD = 0.5
+
+
+def normalize_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels (B, 3, H, W) in 0..255 -> float, mean = std = 0.5; float input is taken as done already.
+
+    Loaders hand over uint8 (a quarter of the bytes between processes and to the GPU) and the
+    conversion runs here, on the encoder's device.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(dtype).div_(255.0 * IMAGE_STD).sub_(IMAGE_MEAN / IMAGE_STD)  # (B, 3, H, W)
+
+
 class ImageEncoder(_Encoder):
-    """images (B, 3, H, W), normalised with mean = std = 0.5  ->  tokens (B, N, C), N = h * w."""
+    """images (B, 3, H, W): uint8 pixels, or floats normalised with mean = std = 0.5 -> tokens (B, N, C), N = h * w."""
 
     out_dim: int
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run(self.encode, images)
+        return self._run(self.encode, normalize_pixels(images))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

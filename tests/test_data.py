@@ -20,7 +20,7 @@ from sgmodel.data import (
     train_data,
     worker_skip,
 )
-from sgmodel.encoders import build_tokenizer
+from sgmodel.encoders import build_tokenizer, normalize_pixels
 from test_train_fixtures import tiny_config, write_shards
 
 
@@ -103,7 +103,10 @@ def test_batches_hold_images_and_their_phrases(shard_dir, tokenizer):
     assert data.steps_per_epoch == 9 // 3
     batch = next(data.epoch_batches(0))
     assert batch["images"].shape == (3, 3, 64, 64)
-    assert batch["images"].min() >= -1 and batch["images"].max() <= 1
+    assert batch["images"].dtype == torch.uint8 and batch["images"].max() > 0  # pixels; the encoder normalises
+    normalized = normalize_pixels(batch["images"])
+    assert normalized.dtype == torch.float32 and normalized.min() >= -1 and normalized.max() <= 1
+    assert torch.allclose(normalized, batch["images"].float() / 127.5 - 1, atol=1e-6)
     assert len(batch["keys"]) == 3 and len(batch["texts"]) == batch["text_image_index"].numel() == 6
     assert batch["input_ids"].shape[0] == batch["attention_mask"].shape[0] == 6
     # positives: every phrase belongs to the image its index names (fixture phrases name the key's objects)
