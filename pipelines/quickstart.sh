@@ -55,7 +55,7 @@ run_stage() {
         tick=$((tick + 1))
         if (( tick % 15 == 0 )); then
             local last
-            last="$(tail -c 4000 "$log" | tr '\r' '\n' | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-110 || true)"
+            last="$(tail -c 4000 "$log" | tr '\r' '\n' | grep -av '^[[:space:]]*$' | tail -n 1 | cut -c1-110 || true)"
             printf '[%s] %-16s %4ds  %s\n' "$(date +%H:%M:%S)" "$name" $((SECONDS - start)) "$last"
         fi
     done
@@ -63,7 +63,7 @@ run_stage() {
     CHILD=""
     if (( rc != 0 )); then
         echo "error: stage '$name' failed (exit $rc); the end of $log:" >&2
-        tail -c 3000 "$log" | tr '\r' '\n' | grep -v '^[[:space:]]*$' | tail -n 15 >&2
+        tail -c 3000 "$log" | tr '\r' '\n' | grep -av '^[[:space:]]*$' | tail -n 15 >&2
         exit "$rc"
     fi
     printf '%-16s %5ds\n' "$name" $((SECONDS - start)) >> "$OUT/timings.txt"

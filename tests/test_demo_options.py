@@ -110,3 +110,59 @@ def test_identical_phrases_are_encoded_once_with_the_same_result():
     assert calls == [distinct] and distinct < len(batch["texts"])
     direct = model.text_encoder(batch["input_ids"], batch["attention_mask"])
     assert torch.allclose(features, direct, atol=1e-5)
+
+
+# ---- within-image phrase contrast ---------------------------------------------------------------
+
+
+def test_phrase_contrast_is_cross_entropy_over_the_other_refs_of_the_same_image():
+    from sgmodel.losses import phrase_contrast_loss
+
+    gen = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    z = torch.randn(6, 8, generator=gen)
+    image = torch.tensor([0, 0, 0, 1, 1, 2])
+    ref = torch.tensor([0, 0, 1, 2, 3, 4])  # phrases 0 and 1 name one referent; image 2 has a single ref
+    scale = 3.0
+    loss = phrase_contrast_loss(text, z, image, ref, scale)
+    logits = z @ text.T * scale
+    # phrase 0 vs {0, 2} (1 shares its ref), phrase 1 vs {1, 2}, phrase 2 vs {0, 1, 2}, 3 vs {3, 4}, 4 vs {3, 4}; 5 has none
+    rows = [(0, [0, 2]), (1, [1, 2]), (2, [0, 1, 2]), (3, [3, 4]), (4, [3, 4])]
+    expected = torch.stack([torch.logsumexp(logits[j, cols], 0) - logits[j, j] for j, cols in rows]).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    # text is detached (the text side learns through z, as in the image-level loss)
+    t, zz = text.clone().requires_grad_(), z.clone().requires_grad_()
+    phrase_contrast_loss(t, zz, image, ref, scale).backward()
+    assert t.grad is None and zz.grad.abs().sum() > 0
+    # a batch where every image names one referent has nothing to contrast
+    assert phrase_contrast_loss(text, z, image, image, scale).item() == 0.0
+
+
+def test_phrase_contrast_weight_adds_the_term_only_when_asked():
+    plain, within = build(), build(phrase_contrast_weight=0.5)
+    within.load_state_dict(plain.state_dict())
+    batch = tiny_batch(plain)  # images with 2, 1 and 3 phrases
+    batch["text_ref_index"] = torch.tensor([0, 1, 2, 3, 3, 4])  # image 0: two refs; image 2: refs 3, 3, 4
+    torch.manual_seed(1)
+    a = plain(batch)
+    torch.manual_seed(1)
+    b = within(batch)
+    assert "phrase_contrast" not in a and b["phrase_contrast"] > 0
+    assert torch.allclose(b["loss"], a["loss"] + 0.5 * b["phrase_contrast"], atol=1e-5)
+    assert torch.allclose(b["contrastive"], a["contrastive"])  # the image-level term is logged alone
+
+
+def test_batches_number_the_referents_of_each_image():
+    from sgmodel.data import collate, sample_text_refs
+
+    meta = {"refs": [{"sentences": [{"text": "the red circle"}, {"text": "the circle on the left"}]},
+                     {"sentences": [{"text": "the blue star"}, {"text": " the red circle "}]}]}
+    refs = sample_text_refs(meta)
+    assert refs == {"the red circle": 0, "the circle on the left": 0, "the blue star": 1}  # a repeat keeps its first ref
+    items = [{"key": "a", "texts": ["the blue star", "the red circle", "the circle on the left"], "text_refs": [1, 0, 0],
+              "image_tokens": torch.zeros(4, 2), "text_feats": torch.zeros(3, 2)},
+             {"key": "b", "texts": ["x", "y"], "text_refs": [0, 0], "image_tokens": torch.zeros(4, 2), "text_feats": torch.zeros(2, 2)}]
+    batch = collate(items, tokenizer=None, max_length=8)
+    ids = batch["text_ref_index"].tolist()
+    assert ids[1] == ids[2] != ids[0]  # same image, same ref
+    assert ids[3] == ids[4] and ids[3] not in ids[:3]  # another image's ref 0 is another referent
