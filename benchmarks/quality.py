@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/quality.py` as well as `pyth
 from sgdata.errors import UserError  # noqa: E402
 from sgdata.synth import PHRASE_TYPES, phrase_type  # noqa: E402
 from sgmodel.inference import normalize_maps, upsample_group  # noqa: E402
+from sgmodel.mask_runs import dense_mask  # noqa: E402
 from sgmodel.metrics import MetricAccumulator  # noqa: E402
 
 BASELINES = ("whole image", "centre prior", "uniform slot weights", "top-1 slot", "best-slot oracle")
@@ -92,16 +93,19 @@ def candidate_scores(candidates: torch.Tensor, gt: torch.Tensor, threshold: floa
     return inter.long(), union.long(), iou.double(), hit
 
 
-def candidate_states(out: dict[str, torch.Tensor], index: torch.Tensor, gt_masks: list[torch.Tensor],
+def candidate_states(out: dict[str, torch.Tensor], index: torch.Tensor, gt_masks: list,
                      texts: list[str]) -> dict[str, dict[str, list]]:
-    """MetricAccumulator states of every method except the model's own map, for one batch."""
+    """MetricAccumulator states of every method except the model's own map, for one batch.
+
+    gt_masks: as the eval loader hands them over (RLE dicts) or dense bool (H, W); decoded here, per image.
+    """
     slot_maps, weights = out["slot_maps"], out["weights"]  # (B, K, h, w), (T, K)
     k = slot_maps.shape[1]
     columns = {"whole image": k + 2, "centre prior": k, "uniform slot weights": k + 1}
     states = {name: {"intersections": [], "unions": [], "ious": [], "hits": [], "texts": []} for name in BASELINES}
     for image in index.unique().tolist():
         rows = (index == image).nonzero().flatten()
-        gt = torch.stack([gt_masks[r] for r in rows.tolist()])  # (t, H, W): one image, one size
+        gt = torch.stack([torch.as_tensor(dense_mask(gt_masks[r])) for r in rows.tolist()])  # (t, H, W): one image, one size
         inter, union, iou, hit = candidate_scores(image_candidates(slot_maps[image]), gt)
         picks = {name: torch.full((len(rows),), col) for name, col in columns.items()}
         picks["top-1 slot"] = weights[rows].argmax(dim=1)  # the slot the phrase weights most

@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from sgdata.errors import UserError
 from sgdata.images import decode_rgb
-from sgdata.masks import rle_to_mask
 
 _WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
 
@@ -251,7 +250,7 @@ def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any
 
         batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, texts, max_length)  # (T, L) each
     if "masks" in items[0]:
-        batch["masks"] = [m for item in items for m in item["masks"]]  # list (T) of bool (H_t, W_t)
+        batch["masks"] = [m for item in items for m in item["masks"]]  # list (T) of RLE dicts {"size": [H_t, W_t], "counts": str}
         batch["image_sizes"] = torch.tensor([item["size"] for item in items], dtype=torch.long)  # (B, 2) as (h, w)
     if "original" in items[0]:
         batch["originals"] = [item["original"] for item in items]  # list (B) of uint8 tensors (H, W, 3)
@@ -483,7 +482,7 @@ class EvalStream(IterableDataset):
             "key": sample["__key__"],
             "texts": [text for text, _ in phrases],
             "image": image_to_tensor(image, self.image_size),  # (3, H, W)
-            "masks": [torch.from_numpy(rle_to_mask(rle)) for _, rle in phrases],  # list of bool (H_t, W_t)
+            "masks": [rle for _, rle in phrases],  # list of compressed RLE dicts (H_t, W_t), as stored: scored without decoding
             "size": (image.height, image.width),
         }
         if self.keep_originals:

@@ -56,6 +56,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0, device: str = "auto",
              overlays: int = 0, overlay_dir: Path | None = None) -> dict[str, Any]:
     """Score every phrase of `shards`; return the metrics.json record (and write up to `overlays` PNGs)."""
+    from sgdata.masks import rle_to_mask
     from sgmodel.encoders import build_tokenizer
     from sgmodel.inference import predict_masks
     from sgmodel.metrics import MetricAccumulator
@@ -75,9 +76,10 @@ def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0
         if saved < overlays:
             index = batch["text_image_index"].tolist()
             count = min(overlays - saved, len(index))
-            sizes = [tuple(batch["masks"][t].shape) for t in range(count)]
+            sizes = [tuple(batch["masks"][t]["size"]) for t in range(count)]  # masks come as RLE dicts
             for t, predicted in enumerate(predict_masks(maps[:count], sizes)):
-                figure = overlay_figure(Image.fromarray(batch["originals"][index[t]].numpy()), predicted.numpy(), batch["texts"][t], batch["masks"][t].numpy())
+                truth = rle_to_mask(batch["masks"][t])  # (H, W) bool: only the few overlay masks are decoded
+                figure = overlay_figure(Image.fromarray(batch["originals"][index[t]].numpy()), predicted.numpy(), batch["texts"][t], truth)
                 overlay_dir.mkdir(parents=True, exist_ok=True)
                 figure.save(overlay_dir / f"overlay-{saved:04d}.png")
                 saved += 1

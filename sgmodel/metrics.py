@@ -8,15 +8,23 @@ thresholded (inference.py), and compared with the mask. Over a split:
   Prec@X   share of phrases with IoU > X, X in 0.5 … 0.9
 An IoU whose union is empty (empty mask and empty prediction) counts as 0.
 
-Phrases whose masks share a size are scored as one tensor (upsample, threshold, IoU, argmax), so the
-Python loop runs over distinct sizes, not over phrases.
+The counts are exact but never built pixel by pixel: the masks stay run-length encoded as the shards
+store them, and the upsampled, thresholded map is computed as on/off edges per pixel column
+(sgmodel/mask_runs.py says how), so a phrase costs about h x W work instead of H x W. The one
+difference from a per-pixel computation is float rounding at the threshold: a pixel whose response
+equals min + 0.5 (max - min) to within float precision may be counted on either side (a per-pixel
+implementation is itself subject to its own float order there); all other pixels count exactly.
+Phrases whose masks share a size are scored as one array.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
-from sgmodel.inference import group_by_size, threshold_maps, upsample_group
+from sgmodel.mask_runs import as_runs_list, score_maps
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -34,26 +42,16 @@ class MetricAccumulator:
         return len(self.ious)
 
     @torch.no_grad()
-    def update(self, maps: torch.Tensor, gt_masks: list[torch.Tensor], texts: list[str] | None = None) -> None:
-        """maps (T, h, w) response maps (any resolution); gt_masks: T bool tensors (H_t, W_t)."""
+    def update(self, maps: torch.Tensor, gt_masks: list[Any], texts: list[str] | None = None) -> None:
+        """maps (T, h, w) response maps (any resolution); gt_masks: T masks (H_t, W_t), each an RLE dict
+        as the shards store it ({"size": [H, W], "counts": str}), a sgmodel.mask_runs.MaskRuns, or a
+        dense bool tensor/array."""
         if len(gt_masks) != maps.shape[0]:
             raise ValueError(f"{maps.shape[0]} response maps but {len(gt_masks)} ground-truth masks")
         count = len(gt_masks)
-        inter = torch.zeros(count, dtype=torch.long)
-        union = torch.zeros(count, dtype=torch.long)
-        hits = torch.zeros(count, dtype=torch.bool)
-        for size, idx in group_by_size([tuple(m.shape[-2:]) for m in gt_masks]).items():
-            response = upsample_group(maps[idx], size)  # (G, H, W)
-            # uint8 views: CPU kernels for stacking and summing bytes are several times faster than for bool
-            pred = threshold_maps(response, self.threshold).flatten(1).view(torch.uint8)  # (G, H*W)
-            gt = torch.stack([gt_masks[i].ne(0).view(torch.uint8) for i in idx]).to(response.device).flatten(1)  # ne(0): 0/1 bytes
-            index = torch.as_tensor(idx)
-            both = (pred & gt).sum(dim=1, dtype=torch.int64)  # (G,)
-            inter[index] = both.cpu()
-            union[index] = (pred.sum(dim=1, dtype=torch.int64) + gt.sum(dim=1, dtype=torch.int64) - both).cpu()
-            peak = response.flatten(1).argmax(dim=1, keepdim=True)  # (G, 1)
-            hits[index] = gt.gather(1, peak).squeeze(1).bool().cpu()
-        iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.zeros(count, dtype=torch.double))
+        grids = maps.detach().float().cpu().numpy()  # (T, h, w)
+        inter, union, hits = score_maps(grids, as_runs_list(list(gt_masks)), self.threshold)  # (T,) each
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)  # (T,)
         self.intersections += inter.tolist()
         self.unions += union.tolist()
         self.ious += iou.tolist()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sgdata.errors import UserError
+from sgdata.masks import rle_to_mask
 from sgmodel.data import (
     count_samples,
     eval_loader,
@@ -196,8 +197,9 @@ def test_eval_stream_yields_every_phrase_with_its_mask_once(tmp_path, tokenizer)
         assert len(b["masks"]) == len(b["texts"]) == 6 * len(b["keys"])  # 3 objects x 2 sentences
         for t, image in enumerate(b["text_image_index"].tolist()):
             h, w = b["image_sizes"][image].tolist()
-            assert b["masks"][t].shape == (h, w) and b["masks"][t].dtype == torch.bool
-            assert 0 < b["masks"][t].sum() < h * w
+            assert b["masks"][t]["size"] == [h, w]  # the stored RLE: metrics work on its runs, never a dense mask
+            mask = rle_to_mask(b["masks"][t])
+            assert mask.shape == (h, w) and mask.dtype == bool and 0 < mask.sum() < h * w
     assert check_eval_shards(urls) == "val"
 
 
