@@ -74,12 +74,6 @@ class Config:
     # ... nor other images described with every content word of the phrase (losses.entailed_phrase_mask)
     drop_entailed_negatives: bool = False
     gather_negatives: bool = False  # use every rank's images as negatives (DDP)
-    # Weight of a second contrastive term inside each image: the fused vector z(I, p) must match its
-    # own phrase p better than the phrases of the image's *other* referents (refs). Image-level
-    # negatives cannot teach "the circle on the left" from "... on the right" (both are true of the
-    # image); this term can. It uses the dataset's grouping of sentences into refs, no masks or boxes.
-    # 0 = the paper's loss only.
-    phrase_contrast_weight: float = 0.0
 
     # ---- reconstruction ------------------------------------------------------------------------
     recon_weight: float = 1.0

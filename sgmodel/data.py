@@ -156,20 +156,6 @@ def count_samples(urls: list[str]) -> int:
 # ---- one sample ----------------------------------------------------------------------------------
 
 
-def sample_text_refs(sample_json: dict) -> dict[str, int]:
-    """Phrase -> the index of the ref (referent) it describes; every caption of a caption sample is ref 0.
-
-    A phrase repeated across refs keeps its first ref, as sample_texts keeps its first occurrence.
-    """
-    refs: dict[str, int] = {}
-    for r, ref in enumerate(sample_json.get("refs", [])):
-        for s in ref.get("sentences", []):
-            text = s.get("text", "")
-            if isinstance(text, str) and text.strip():
-                refs.setdefault(text.strip(), r)
-    return refs
-
-
 def sample_texts(sample_json: dict) -> list[str]:
     """The training phrases of one sample: a referring sample's sentences or a caption sample's captions.
 
@@ -234,11 +220,6 @@ def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any
         "texts": texts,
         "text_image_index": torch.tensor(index, dtype=torch.long),  # (T,)
     }
-    if all("text_refs" in item for item in items):
-        # one id per (image, ref) of the batch: phrases sharing it describe the same referent
-        refs = [(i, r) for i, item in enumerate(items) for r in item["text_refs"]]
-        ids = {pair: n for n, pair in enumerate(dict.fromkeys(refs))}
-        batch["text_ref_index"] = torch.tensor([ids[pair] for pair in refs], dtype=torch.long)  # (T,)
     if "image_tokens" in items[0]:
         batch["image_tokens"] = torch.stack([item["image_tokens"] for item in items]).float()  # (B, N, C)
     else:
@@ -308,7 +289,6 @@ def _parsed(samples: Iterator[dict], needs_jpg: bool) -> Iterator[dict]:
                 warnings.warn(f"skipped {dropped} sample(s) without phrases or image so far (last: {sample.get('__key__')} in {sample.get('__url__')})")
             continue
         sample["texts"] = texts
-        sample["text_refs"] = sample_text_refs(meta)
         yield sample
 
 
@@ -359,7 +339,7 @@ class TrainStream(IterableDataset):
     def _materialise(self, sample: dict, epoch: int) -> dict:
         key, url = sample["__key__"], sample["__url__"]
         texts = select_texts(sample["texts"], self.max_texts, self.seed, epoch, key)
-        item: dict[str, Any] = {"key": key, "texts": texts, "text_refs": [sample["text_refs"].get(t, 0) for t in texts]}
+        item: dict[str, Any] = {"key": key, "texts": texts}
         if self.features is not None and self.features.has_images:
             item["image_tokens"] = self.features.image_tokens(url, key)  # (N, C) fp16
         else:

@@ -35,32 +35,6 @@ def contrastive_loss(
     return loss, accuracy
 
 
-def phrase_contrast_loss(
-    text_emb: torch.Tensor,
-    z_own: torch.Tensor,
-    text_image_index: torch.Tensor,
-    text_ref_index: torch.Tensor,
-    logit_scale: torch.Tensor | float,
-) -> torch.Tensor:
-    """Cross-entropy over the phrases of the same image: z(I, p) against t_p and the other refs' phrases.
-
-    text_emb (T, d): phrase embeddings (detached, as in contrastive_loss); z_own (T, d): each phrase's
-    fused vector on its own image; text_image_index, text_ref_index (T,): its image and its referent.
-    Phrases of the same ref are not negatives of each other (they name the same thing). Phrases whose
-    image has no other ref contribute nothing; with none at all the loss is 0.
-    """
-    logits = (z_own @ text_emb.detach().T).float() * logit_scale  # (T, T): row = fused vector, column = phrase
-    same_image = text_image_index[:, None] == text_image_index[None, :]  # (T, T)
-    same_ref = text_ref_index[:, None] == text_ref_index[None, :]  # (T, T)
-    eye = torch.eye(len(text_emb), dtype=torch.bool, device=logits.device)
-    candidates = same_image & (~same_ref | eye)  # the phrase itself and the other refs' phrases
-    rows = (candidates.sum(dim=1) > 1).nonzero(as_tuple=True)[0]  # (R,) phrases with a negative
-    if rows.numel() == 0:
-        return logits.sum() * 0.0
-    logits = logits[rows].masked_fill(~candidates[rows], float("-inf"))  # (R, T)
-    return F.cross_entropy(logits, rows)
-
-
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE against the detached backbone tokens: the decoder must not pull the encoder toward easy targets."""
     return F.mse_loss(recon.float(), target.detach().float())

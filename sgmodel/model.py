@@ -25,7 +25,7 @@ from sgmodel.decoder import SpatialBroadcastDecoder
 from sgmodel.encoders import build_image_encoder, build_text_encoder, build_tokenizer
 from sgmodel.gather import TextGather
 from sgmodel.inference import combine_slot_maps
-from sgmodel.losses import contrastive_loss, duplicate_phrase_mask, phrase_contrast_loss, reconstruction_loss
+from sgmodel.losses import contrastive_loss, duplicate_phrase_mask, reconstruction_loss
 from sgmodel.shatter import EntitySlotAttention
 
 MAX_LOGIT_SCALE = 100.0
@@ -121,18 +121,13 @@ class ShatterAndGather(nn.Module):
         z, _ = self.gather(text, negatives)  # (B_all, T, d)
         scale = self.logit_scale()
         contrastive, accuracy = contrastive_loss(text, z, index, scale, excluded, offset)
-        within = None
-        if self.cfg.phrase_contrast_weight > 0 and "text_ref_index" in batch:
-            z_own = z[offset + index, torch.arange(len(index), device=z.device)]  # (T, d): each phrase on its image
-            within = phrase_contrast_loss(text, z_own, index, batch["text_ref_index"].to(text.device), scale)
         if self.decoder is not None:
             recon, _ = self.decoder(slots, grid)
             reconstruction = reconstruction_loss(recon, tokens)
         else:
             reconstruction = contrastive.new_zeros(())
         weight = self.contrastive_weight()
-        text_loss = contrastive if within is None else contrastive + self.cfg.phrase_contrast_weight * within
-        loss = weight * text_loss + self.cfg.recon_weight * reconstruction
+        loss = weight * contrastive + self.cfg.recon_weight * reconstruction
         out = {
             "loss": loss,
             "contrastive": contrastive.detach(),
@@ -140,8 +135,6 @@ class ShatterAndGather(nn.Module):
             "accuracy": accuracy,
             "logit_scale": scale.detach(),
         }
-        if within is not None:
-            out["phrase_contrast"] = within.detach()
         if hasattr(self, "steps_seen"):
             out["contrastive_weight"] = torch.tensor(weight)
         return out
