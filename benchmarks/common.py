@@ -144,10 +144,10 @@ def fmt(value: float) -> str:
     if value == 0 or value != value:
         return str(value)
     magnitude = abs(value)
-    for bound, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
+    for bound, scale, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):  # k from 10,000 up
         if magnitude >= bound:
-            return f"{value / bound:.3g}{suffix}"
-    return f"{value:.3g}"
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.0f}" if magnitude >= 1000 else f"{value:.3g}"
 
 
 def table(results: dict[str, dict[str, Any]], goals: dict[str, float]) -> str:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from benchmarks.common import LOWER_IS_BETTER, REQUIRED, RESULTS, result, table
+from benchmarks.common import LOWER_IS_BETTER, REQUIRED, RESULTS, fmt, result, table
 
 
 def test_ratio_is_value_over_limit_and_inverted_for_bytes():
@@ -49,3 +49,8 @@ def test_baseline_computes_sgmodels_loss():
     from benchmarks.bench_train_step import check_baseline
 
     assert math.isfinite(check_baseline())  # raises if the two losses differ
+
+
+def test_table_numbers_keep_their_magnitude():
+    assert fmt(11571.0) == "11.6k" and fmt(9414.0) == "9414" and fmt(123456.0) == "123k"
+    assert fmt(5.13e9) == "5.13G" and fmt(49.6e6) == "49.6M" and fmt(718.5) == "718" and fmt(0.398) == "0.398"
