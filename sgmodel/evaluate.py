@@ -75,9 +75,11 @@ def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0
         metrics.update(maps, batch["masks"], batch["texts"])
         if saved < overlays:
             index = batch["text_image_index"].tolist()
-            count = min(overlays - saved, len(index))
-            sizes = [tuple(batch["masks"][t]["size"]) for t in range(count)]  # masks come as RLE dicts
-            for t, predicted in enumerate(predict_masks(maps[:count], sizes)):
+            # the first phrase of each image before any second one: a grid of overlays shows many scenes
+            order = sorted(range(len(index)), key=lambda t: (t - index.index(index[t]), t))
+            chosen = order[: overlays - saved]
+            sizes = [tuple(batch["masks"][t]["size"]) for t in chosen]  # masks come as RLE dicts
+            for t, predicted in zip(chosen, predict_masks(maps[chosen], sizes)):
                 truth = rle_to_mask(batch["masks"][t])  # (H, W) bool: only the few overlay masks are decoded
                 figure = overlay_figure(Image.fromarray(batch["originals"][index[t]].numpy()), predicted.numpy(), batch["texts"][t], truth)
                 overlay_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,9 @@ def test_evaluate_writes_metrics_json_deterministically(trained, tmp_path):
     assert record["split"] == "val" and record["step"] == 3 and record["checkpoint"] == trained["checkpoint"]
     overlays = sorted((tmp_path / "metrics_overlays").glob("*.png"))
     assert len(overlays) == 2 and Image.open(overlays[0]).width > 3 * 200  # three panels side by side
+    # batch of 2 images: the two overlays show the first phrase of each image, not two phrases of one
+    first, second = (np.asarray(Image.open(p).convert("RGB"))[:120, :200] for p in overlays)
+    assert np.abs(first.astype(int) - second.astype(int)).mean() > 1
 
     assert evaluate_module.main(args[:-2] + ["--batch-size", "1", "--out", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text())["metrics"] == record["metrics"]  # batch-independent, repeatable
