@@ -367,7 +367,7 @@ def test_write_shard_bytes_are_reproducible_and_plain(tmp_path):
     part_b = write_shard(_task(tmp_path / "b", ["k1", "k0", "k2"], bad=("k2",)), make_sample=_stub)
     tar_a, tar_b = tmp_path / "a/train/train-000003.tar", tmp_path / "b/train/train-000003.tar"
     assert tar_a.read_bytes() == tar_b.read_bytes()
-    assert part_a["sha256"] == hashlib.sha256(tar_a.read_bytes()).hexdigest()
+    assert part_a["sha256"] == part_b["sha256"] == hashlib.sha256(tar_a.read_bytes()).hexdigest()
     assert part_a["bytes"] == tar_a.stat().st_size
     with tarfile.open(tar_a) as tar:
         members = tar.getmembers()
