@@ -67,7 +67,7 @@ def decode_counts_string(counts: str | bytes) -> list[int]:
     """The run lengths of a compressed COCO counts string, read exactly as pycocotools' `rleFrString` reads it.
 
     Each run is a little-endian sequence of 5-bit groups, one character (48 + value) per group,
-    0x20 meaning "more groups follow" and 0x10 in the last group the sign; from the third run on,
+    0x20 meaning "more groups follow" and 0x10 in the last group the sign; from the fourth run on,
     a run is stored as the difference to the run two places before. Read here in Python because
     pycocotools' decoder does no bounds checks: counts that do not add up to the mask's size
     would be written past its buffer. Raises SegmentationError for text that is not such a string.
