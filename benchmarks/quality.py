@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +45,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/quality.py` as well as `pyth
 
 from sgdata.errors import UserError  # noqa: E402
 from sgdata.synth import PHRASE_TYPES, phrase_type  # noqa: E402
-from sgmodel.inference import normalize_maps, upsample_group  # noqa: E402
-from sgmodel.mask_runs import dense_mask  # noqa: E402
+from sgmodel.mask_runs import as_runs_list, score_maps  # noqa: E402
 from sgmodel.metrics import MetricAccumulator  # noqa: E402
 
 BASELINES = ("whole image", "centre prior", "uniform slot weights", "top-1 slot", "best-slot oracle")
@@ -73,31 +73,33 @@ def image_candidates(slot_maps: torch.Tensor) -> torch.Tensor:
     return torch.cat([slot_maps, centre_prior_map(tuple(slot_maps.shape[-2:]))[None], uniform])
 
 
-def candidate_scores(candidates: torch.Tensor, gt: torch.Tensor, threshold: float = 0.5):
-    """Score M response maps of one image against the t masks of its phrases, as the metric does.
+def candidate_scores(candidates: torch.Tensor, gt_masks, threshold: float = 0.5):
+    """Score M response maps of one image against the t masks of its phrases, with the metric's own code.
 
-    candidates (M, h, w); gt (t, H, W) bool -> intersection, union, iou, hit, each (t, M + 1): the
-    metric's own steps (upsample to the mask size, min-max normalise, threshold; the peak for PointM)
-    run once per map, the intersections of every mask with every map's mask are one matrix product.
-    The last column is the whole-image mask (hit False: it has no peak).
+    candidates (M, h, w); gt_masks: the t masks (RLE dicts as the eval loader hands them over, or dense
+    (H, W)) -> intersection, union, iou, hit, each (t, M + 1): every (mask, map) pair goes through
+    sgmodel.mask_runs.score_maps, as MetricAccumulator does. The last column is the whole-image mask
+    (I = |mask|, U = H * W; hit False: it has no peak).
     """
-    up = upsample_group(candidates, tuple(gt.shape[-2:]))  # (M, H, W)
-    pred = (normalize_maps(up) > threshold).flatten(1).float()  # (M, H*W)
-    pred = torch.cat([pred, torch.ones_like(pred[:1])])  # (M+1, H*W): + the whole image
-    truth = gt.flatten(1).float()  # (t, H*W)
-    inter = truth @ pred.T  # (t, M+1): exact counts in float32 below 2**24 pixels
-    union = truth.sum(1, keepdim=True) + pred.sum(1) - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
-    peaks = up.flatten(1).argmax(dim=1)  # (M,)
-    hit = torch.cat([truth[:, peaks] > 0, torch.zeros_like(truth[:, :1], dtype=torch.bool)], dim=1)  # (t, M+1)
-    return inter.long(), union.long(), iou.double(), hit
+    runs = as_runs_list(list(gt_masks))  # t masks, decoded once
+    t, m = len(runs), candidates.shape[0]
+    grids = candidates.detach().float().cpu().numpy()  # (M, h, w)
+    pairs = np.broadcast_to(grids, (t, *grids.shape)).reshape(t * m, *grids.shape[1:])  # (t*M, h, w)
+    inter, union, hit = score_maps(pairs, [r for r in runs for _ in range(m)], threshold)  # (t*M,) each
+    areas = np.array([r.area for r in runs])  # (t,)
+    pixels = np.array([r.shape[0] * r.shape[1] for r in runs])  # (t,)
+    inter = torch.from_numpy(np.column_stack([inter.reshape(t, m), areas]))  # (t, M+1)
+    union = torch.from_numpy(np.column_stack([union.reshape(t, m), pixels]))  # (t, M+1)
+    hit = torch.from_numpy(np.column_stack([hit.reshape(t, m), np.zeros(t, dtype=bool)]))  # (t, M+1)
+    iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.zeros_like(inter, dtype=torch.double))
+    return inter.long(), union.long(), iou, hit
 
 
 def candidate_states(out: dict[str, torch.Tensor], index: torch.Tensor, gt_masks: list,
                      texts: list[str]) -> dict[str, dict[str, list]]:
     """MetricAccumulator states of every method except the model's own map, for one batch.
 
-    gt_masks: as the eval loader hands them over (RLE dicts) or dense bool (H, W); decoded here, per image.
+    gt_masks: as the eval loader hands them over (RLE dicts) or dense bool (H, W).
     """
     slot_maps, weights = out["slot_maps"], out["weights"]  # (B, K, h, w), (T, K)
     k = slot_maps.shape[1]
@@ -105,7 +107,7 @@ def candidate_states(out: dict[str, torch.Tensor], index: torch.Tensor, gt_masks
     states = {name: {"intersections": [], "unions": [], "ious": [], "hits": [], "texts": []} for name in BASELINES}
     for image in index.unique().tolist():
         rows = (index == image).nonzero().flatten()
-        gt = torch.stack([torch.as_tensor(dense_mask(gt_masks[r])) for r in rows.tolist()])  # (t, H, W): one image, one size
+        gt = [gt_masks[r] for r in rows.tolist()]  # t masks of one image
         inter, union, iou, hit = candidate_scores(image_candidates(slot_maps[image]), gt)
         picks = {name: torch.full((len(rows),), col) for name, col in columns.items()}
         picks["top-1 slot"] = weights[rows].argmax(dim=1)  # the slot the phrase weights most
