@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sgdata.masks import SegmentationError, rle_to_mask
+from sgmodel.inference import group_by_size
 
 # A compressed counts string stores each run in at most 12 five-bit groups (pycocotools reads it into a
 # 64-bit integer; sgdata.masks.decode_counts_string refuses longer ones the same way).
@@ -394,10 +395,7 @@ def score_maps(grids: Any, runs: list[MaskRuns], threshold: float = 0.5):
     intersection = np.zeros(len(runs), dtype=np.int64)
     union = np.zeros(len(runs), dtype=np.int64)
     hit = np.zeros(len(runs), dtype=bool)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, r in enumerate(runs):
-        groups.setdefault(r.shape, []).append(i)
-    for (height, width), members in groups.items():
+    for (height, width), members in group_by_size([r.shape for r in runs]).items():
         step = max(1, CHUNK_KNOTS // (width * (grids.shape[1] + 2)))
         for begin in range(0, len(members), step):
             chunk = members[begin : begin + step]
