@@ -31,7 +31,7 @@ from sgdata.manifest import ROOT_FILES, SPLIT_FILES, merge
 from sgdata.runner import Runner, ShardProgress, make_runner
 from sgdata.sources.base import SampleSpec, SourcePlan
 from sgdata.writer import (
-    SHARD_RE, ShardTask, is_temporary, part_path, shard_is_complete, shard_path, specs_digest,
+    SHARD_RE, ShardTask, fsync_dir, is_temporary, part_path, shard_is_complete, shard_path, specs_digest,
     write_json_atomic, write_shard,
 )
 
@@ -144,7 +144,8 @@ def shard_tasks(plan: SourcePlan, out: Path, options: Any, shard_size: int) -> d
         if dotted:
             raise ValueError(f"sample keys must not contain dots: {dotted[:3]}")
         tasks[split] = [
-            ShardTask(split, i // shard_size, specs[i:i + shard_size], str(out), plan.kind, options)
+            ShardTask(split, i // shard_size, specs[i:i + shard_size], str(out), plan.kind, options,
+                      digest=specs_digest(specs[i:i + shard_size]))
             for i in range(0, len(specs), shard_size)
         ]
     return tasks
@@ -195,13 +196,16 @@ def build(
         (out / split / "parts").mkdir(parents=True, exist_ok=True)
         _remove_surplus_shards(out, split, len(tasks))
         for task in tasks:
-            if shard_is_complete(out, split, task.index, specs_digest(task.specs)):
+            if shard_is_complete(out, split, task.index, task.digest):
                 kept += 1
             else:  # an old tar or part must not stand in for this shard if redoing it fails
                 shard_path(out, split, task.index).unlink(missing_ok=True)
                 part_path(out, split, task.index).unlink(missing_ok=True)
                 todo.append(task)
 
+    # Longest first: the last tasks to start are the short ones, so no worker is left with a long tail
+    # while the others idle (the order shards are written in does not change their bytes).
+    todo.sort(key=lambda task: len(task.specs), reverse=True)
     fn = write_shard if make_sample is None else functools.partial(write_shard, make_sample=make_sample)
     written = {"shards": 0, "samples": 0}
     start = time.perf_counter()
@@ -212,6 +216,9 @@ def build(
             bar.advance(part["samples"])
 
         failed = runner.run(todo, fn, on_done)
+    for split in tasks_by_split:  # the shards' renames, made durable once (see sgdata.writer)
+        fsync_dir(out / split / "parts")
+        fsync_dir(out / split)
     seconds = time.perf_counter() - start
     remove_temporaries(out)  # left by workers that crashed (their tasks were retried); none is running now
 

@@ -9,6 +9,7 @@ one mask of the image's size, and polygons far off the image are clipped before 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any
@@ -100,6 +101,66 @@ def decode_counts_string(counts: str | bytes) -> list[int]:
     return runs
 
 
+# A compressed counts string stores each run in at most 12 five-bit groups (pycocotools reads it into a
+# 64-bit integer; decode_counts_string refuses longer ones the same way).
+MAX_GROUPS_PER_RUN = 12
+
+
+def decode_counts_together(strings: list[str | bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run lengths (int64) of several compressed COCO counts strings, in one vectorised pass.
+
+    Same reading as pycocotools' `rleFrString` and `decode_counts_string` (which goes one character at a
+    time in Python, with an error message naming the bad character; fine for checking a plan, too slow
+    for resizing masks in a build or scoring every phrase):
+    each run is little-endian 5-bit groups, one character (48 + group) each, 0x20 = more groups follow,
+    0x10 in the last group = negative; from the fourth run on, a run is stored as the difference to the
+    run two places before. The strings are decoded as one array (a per-string loop would cost more in
+    numpy call overhead than in work). Raises SegmentationError for text that is not such a string.
+    Returns the runs of all strings end to end (R,), the string (R,) and the run number in it (R,) of each.
+    """
+    raws = [s.encode("ascii") if isinstance(s, str) else bytes(s) for s in strings]
+    sizes = np.array([len(r) for r in raws], dtype=np.int64)  # (K,)
+    codes = np.frombuffer(b"".join(raws), dtype=np.uint8)  # (n,)
+    if codes.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if codes.min() < 48 or codes.max() >= 48 + 64:
+        raise SegmentationError("compressed RLE counts hold a character that is not a run-length character")
+    digits = codes - 48  # (n,) uint8: a five-bit group, the sign bit 0x10 and the continuation bit 0x20
+    more = digits >= 0x20  # (n,) more groups of this run follow
+    if more[np.cumsum(sizes)[sizes > 0] - 1].any():
+        raise SegmentationError("compressed RLE counts end in the middle of a run")
+    last = np.flatnonzero(~more)  # (R,) index of each run's final group
+    first = np.append(0, last[:-1] + 1)  # (R,)
+    length = last - first + 1  # (R,) groups per run
+    if length.max() > MAX_GROUPS_PER_RUN:
+        raise SegmentationError("compressed RLE counts hold a run that does not fit 64 bits")
+    payload = (digits & 0x1F).astype(np.int64)  # (n,)
+    if length.max() == 1:  # common: every run in one character
+        values = payload
+    else:
+        place = np.arange(codes.size) - np.repeat(first, length)  # (n,) group index within its run
+        values = np.add.reduceat(payload << (5 * place), first)  # (R,)
+    negative = (digits[last] & 0x10) != 0  # (R,) sign bit of the last group: fill the bits above with ones
+    values[negative] -= np.left_shift(1, 5 * length[negative])
+    string = np.repeat(np.arange(len(raws)), sizes)[last]  # (R,) which string each run belongs to
+    runs_per_string = np.bincount(string, minlength=len(raws))  # (K,)
+    head = np.cumsum(runs_per_string) - runs_per_string  # (K,) first run of each string
+    index = np.arange(last.size) - head[string]  # (R,) run number in its string
+    # runs 3, 5, 7, ... add up from run 1; runs 4, 6, ... from run 2; run 0 stands alone. As running sums
+    # over all strings, less what the earlier strings contributed.
+    odd = (index & 1) == 1  # (R,)
+    chain = np.where(odd, 1, np.where(index > 0, 2, 0))  # (R,) 0: alone, 1: odd chain, 2: even chain
+    totals = [np.append(0, np.cumsum(np.where(chain == c, values, 0))) for c in (1, 2)]  # (R+1,) each
+    odd_sum = totals[0][1:] - totals[0][head][string]  # (R,)
+    even_sum = totals[1][1:] - totals[1][head][string]  # (R,)
+    return np.where(chain == 1, odd_sum, np.where(chain == 2, even_sum, values)), string, index
+
+
+def decode_counts(counts: str | bytes) -> np.ndarray:
+    """Run lengths (int64) of one compressed COCO counts string (see `decode_counts_together`)."""
+    return decode_counts_together([counts])[0]
+
+
 def _check_runs(runs: list, height: int, width: int) -> None:
     """Run lengths that describe exactly one (height x width) mask: whole, non-negative, summing to its area."""
     if not all(isinstance(run, numbers.Integral) and not isinstance(run, bool) for run in runs):
@@ -186,7 +247,11 @@ def _bounded_polygons(polygons: list[list[float]], height: int, width: int) -> l
             part = _clip_polygon(part, x0, y0, x1, y1)
         if len(part) >= 6:
             bounded.append(part)
-    if sum(_outline_steps(part) for part in bounded) > MAX_OUTLINE_STEPS:
+    # Each step of an outline spans at most 5 x (the bounded box's longer side) + 1 pixels: only outlines
+    # that could pass the limit by that bound are counted exactly (real ones never come near it).
+    longest_step = 5 * (max(height, width) + 2 * margin) + 2
+    could_be_long = sum(len(part) // 2 for part in bounded) * longest_step > MAX_OUTLINE_STEPS
+    if could_be_long and sum(_outline_steps(part) for part in bounded) > MAX_OUTLINE_STEPS:
         raise SegmentationError(f"the polygon's outline is longer than {MAX_OUTLINE_STEPS} steps to rasterise")
     return bounded
 
@@ -235,12 +300,95 @@ def _from_image(image: Image.Image) -> dict:
     return mask_to_rle(np.asarray(image) > 127)
 
 
-def resize_rle(rle: dict, height: int, width: int) -> dict:
-    """Nearest-neighbour resize to (height, width): keeps the mask binary, as the image's resize is applied."""
-    if [int(rle["size"][0]), int(rle["size"][1])] == [height, width]:
-        return _compressed(rle)
-    return _from_image(_as_image(rle).resize((width, height), Image.Resampling.NEAREST))
+@functools.lru_cache(maxsize=256)
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """The source pixel each of `target` pixels takes under Pillow's NEAREST resize along one axis.
 
+    Read off Pillow itself (a one-pixel-high image holding its own column numbers, resized), so masks
+    follow exactly the pixel-centre rounding Pillow applies to the image, at every size.
+    """
+    numbers = Image.fromarray(np.arange(source, dtype=np.int32)[None, :], mode="I")  # (1, source)
+    return np.asarray(numbers.resize((target, 1), Image.Resampling.NEAREST), dtype=np.int64)[0]  # (target,)
+
+
+def _foreground_runs(rles: list[dict], area: int) -> tuple[np.ndarray, np.ndarray]:
+    """[starts, ends) of the foreground runs of masks of `area` pixels each, decoded together.
+
+    Positions are column-major (x * H + y) and run on from one mask into the next (mask k starts at
+    k * area), so K masks of W columns read as one mask of K * W columns.
+    """
+    strings = [_compressed(mask_utils.frPyObjects(rle, *rle["size"])) ["counts"] if isinstance(rle["counts"], list)
+               else rle["counts"] for rle in rles]  # uncompressed counts (crowd annotations) are rare
+    lengths, mask, index = decode_counts_together(strings)  # (L,) each
+    totals = np.bincount(mask, weights=lengths, minlength=len(rles))  # (K,)
+    if lengths.size and (lengths.min() < 0 or (totals != area).any()):
+        raise SegmentationError(f"RLE counts must be non-negative and sum to height * width = {area}")
+    bounds = np.cumsum(lengths)  # (L,) end of each run
+    foreground = (index % 2 == 1) & (lengths > 0)  # odd runs; zero-length ones carry nothing
+    return bounds[foreground] - lengths[foreground], bounds[foreground]  # (R,) each
+
+
+def _rles_from_runs(starts: np.ndarray, ends: np.ndarray, count: int, height: int, width: int) -> list[dict]:
+    """Sorted, disjoint, non-empty runs of `count` masks laid end to end -> one compressed RLE per mask.
+
+    The strings are the ones pycocotools encodes from the dense masks: touching runs are one run, and
+    a mask ending on foreground has no empty last run.
+    """
+    area = height * width
+    joined = np.flatnonzero((starts[1:] == ends[:-1]) & (starts[1:] % area != 0))  # touching, same mask
+    starts, ends = np.delete(starts, joined + 1), np.delete(ends, joined)
+    cuts = np.searchsorted(starts, np.arange(1, count) * area)  # (K-1,) first run of each later mask
+    uncompressed = []
+    for k, (mask_starts, mask_ends) in enumerate(zip(np.split(starts, cuts), np.split(ends, cuts))):
+        edges = np.stack([mask_starts, mask_ends], axis=1).reshape(-1) - k * area  # (2R,) alternating run ends
+        counts = np.diff(edges, prepend=0, append=area)  # (2R+1,) starts with a background run
+        if counts.size > 1 and counts[-1] == 0:
+            counts = counts[:-1]
+        uncompressed.append({"size": [height, width], "counts": counts.tolist()})
+    return [_compressed(rle) for rle in mask_utils.frPyObjects(uncompressed, height, width)] if uncompressed else []
+
+
+def resize_rles(rles: list[dict], height: int, width: int) -> list[dict]:
+    """Nearest-neighbour resize of masks of one size to (height, width), as the image's resize is applied.
+
+    The same pixels as resizing each mask image with Pillow's NEAREST (the axes are independent: target
+    pixel (y, x) is source pixel (rows[y], cols[x])), computed on the runs without a dense mask: each
+    run is cut at the column boundaries, and each piece of source column c becomes, in every target
+    column taking c, the target rows whose source row lies inside it. All masks of an image go
+    through as one array; this is the build's hot path for `--max-size` (every ref of every image),
+    where it costs a tenth of a round trip through decoded Pillow images.
+    """
+    if not rles:
+        return []
+    source_height, source_width = int(rles[0]["size"][0]), int(rles[0]["size"][1])
+    if any([int(r["size"][0]), int(r["size"][1])] != [source_height, source_width] for r in rles):
+        raise ValueError("resize_rles takes masks of one size; resize the others in their own call")
+    if (source_height, source_width) == (height, width):
+        return [_compressed(rle) for rle in rles]
+    starts, ends = _foreground_runs(rles, source_height * source_width)  # (R,) each
+    first_column, last_column = starts // source_height, (ends - 1) // source_height  # (R,) over all masks
+    pieces_per_run = last_column - first_column + 1  # (R,)
+    run = np.repeat(np.arange(starts.size), pieces_per_run)  # (P,) the run each piece comes from
+    column = first_column[run] + np.arange(run.size) - np.repeat(np.cumsum(pieces_per_run) - pieces_per_run,
+                                                                 pieces_per_run)  # (P,) source column
+    top = np.maximum(starts[run] - column * source_height, 0)  # (P,) first source row of the piece
+    bottom = np.minimum(ends[run] - column * source_height, source_height)  # (P,) one past its last row
+    rows, cols = nearest_indices(source_height, height), nearest_indices(source_width, width)  # (h,), (w,)
+    target_top, target_bottom = np.searchsorted(rows, top), np.searchsorted(rows, bottom)  # (P,) each
+    masks = np.arange(len(rles), dtype=np.int64)[:, None]  # (K, 1)
+    wanted = (masks * source_width + cols[None, :]).reshape(-1)  # (K*w,) source column of each target column
+    first_piece = np.searchsorted(column, wanted, side="left")  # (K*w,)
+    count = np.searchsorted(column, wanted, side="right") - first_piece  # (K*w,) pieces in that source column
+    piece = np.repeat(first_piece, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)  # (Q,)
+    offset = np.repeat(np.arange(wanted.size, dtype=np.int64) * height, count)  # (Q,) target column * h
+    new_starts, new_ends = offset + target_top[piece], offset + target_bottom[piece]  # (Q,) each
+    kept = new_ends > new_starts  # pieces that fall between two sampled rows vanish
+    return _rles_from_runs(new_starts[kept], new_ends[kept], len(rles), height, width)
+
+
+def resize_rle(rle: dict, height: int, width: int) -> dict:
+    """One mask's nearest-neighbour resize to (height, width) (see `resize_rles`)."""
+    return resize_rles([rle], height, width)[0]
 
 def transpose_rle(rle: dict, transpose: int) -> dict:
     """Apply a PIL `Image.Transpose` operation (e.g. the image's EXIF orientation) to the mask."""

@@ -34,12 +34,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sgdata.masks import SegmentationError, rle_to_mask
+from sgdata.masks import SegmentationError, decode_counts_together, rle_to_mask
 from sgmodel.inference import group_by_size
 
-# A compressed counts string stores each run in at most 12 five-bit groups (pycocotools reads it into a
-# 64-bit integer; sgdata.masks.decode_counts_string refuses longer ones the same way).
-MAX_GROUPS_PER_RUN = 12
 # Knots (phrase x pixel column x grid row) scored in one array: bounds the scratch memory (~16 bytes each).
 CHUNK_KNOTS = 1 << 19
 
@@ -69,60 +66,6 @@ class MaskRuns:
 # ---- decoding ---------------------------------------------------------------------------------------
 
 
-def _decode_together(strings: list[str | bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run lengths (int64) of several compressed COCO counts strings, in one vectorised pass.
-
-    Same reading as pycocotools' `rleFrString` and sgdata.masks.decode_counts_string (which goes one
-    character at a time in Python, fine for checking a build but too slow for scoring every phrase):
-    each run is little-endian 5-bit groups, one character (48 + group) each, 0x20 = more groups follow,
-    0x10 in the last group = negative; from the fourth run on, a run is stored as the difference to the
-    run two places before. The strings are decoded as one array (a per-string loop would cost more in
-    numpy call overhead than in work). Raises SegmentationError for text that is not such a string.
-    Returns the runs of all strings end to end (R,), the string (R,) and the run number in it (R,) of each.
-    """
-    raws = [s.encode("ascii") if isinstance(s, str) else bytes(s) for s in strings]
-    sizes = np.array([len(r) for r in raws], dtype=np.int64)  # (K,)
-    codes = np.frombuffer(b"".join(raws), dtype=np.uint8)  # (n,)
-    if codes.size == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    if codes.min() < 48 or codes.max() >= 48 + 64:
-        raise SegmentationError("compressed RLE counts hold a character that is not a run-length character")
-    digits = codes - 48  # (n,) uint8: a five-bit group, the sign bit 0x10 and the continuation bit 0x20
-    more = digits >= 0x20  # (n,) more groups of this run follow
-    if more[np.cumsum(sizes)[sizes > 0] - 1].any():
-        raise SegmentationError("compressed RLE counts end in the middle of a run")
-    last = np.flatnonzero(~more)  # (R,) index of each run's final group
-    first = np.append(0, last[:-1] + 1)  # (R,)
-    length = last - first + 1  # (R,) groups per run
-    if length.max() > MAX_GROUPS_PER_RUN:
-        raise SegmentationError("compressed RLE counts hold a run that does not fit 64 bits")
-    payload = (digits & 0x1F).astype(np.int64)  # (n,)
-    if length.max() == 1:  # common: every run in one character
-        values = payload
-    else:
-        place = np.arange(codes.size) - np.repeat(first, length)  # (n,) group index within its run
-        values = np.add.reduceat(payload << (5 * place), first)  # (R,)
-    negative = (digits[last] & 0x10) != 0  # (R,) sign bit of the last group: fill the bits above with ones
-    values[negative] -= np.left_shift(1, 5 * length[negative])
-    string = np.repeat(np.arange(len(raws)), sizes)[last]  # (R,) which string each run belongs to
-    runs_per_string = np.bincount(string, minlength=len(raws))  # (K,)
-    head = np.cumsum(runs_per_string) - runs_per_string  # (K,) first run of each string
-    index = np.arange(last.size) - head[string]  # (R,) run number in its string
-    # runs 3, 5, 7, ... add up from run 1; runs 4, 6, ... from run 2; run 0 stands alone. As running sums
-    # over all strings, less what the earlier strings contributed.
-    odd = (index & 1) == 1  # (R,)
-    chain = np.where(odd, 1, np.where(index > 0, 2, 0))  # (R,) 0: alone, 1: odd chain, 2: even chain
-    totals = [np.append(0, np.cumsum(np.where(chain == c, values, 0))) for c in (1, 2)]  # (R+1,) each
-    odd_sum = totals[0][1:] - totals[0][head][string]  # (R,)
-    even_sum = totals[1][1:] - totals[1][head][string]  # (R,)
-    return np.where(chain == 1, odd_sum, np.where(chain == 2, even_sum, values)), string, index
-
-
-def decode_counts(counts: str | bytes) -> np.ndarray:
-    """Run lengths (int64) of one compressed COCO counts string (see `_decode_together`)."""
-    return _decode_together([counts])[0]
-
-
 def runs_from_lengths(lengths: np.ndarray, height: int, width: int) -> MaskRuns:
     """Alternating background/foreground run lengths (starting with background) -> MaskRuns."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -144,7 +87,7 @@ def _size(rle: dict) -> tuple[int, int]:
 
 def _runs_from_compressed(rles: list[dict]) -> list[MaskRuns]:
     """Compressed RLEs -> MaskRuns, decoded, checked and cut into runs as one array."""
-    lengths, string, index = _decode_together([rle["counts"] for rle in rles])  # (L,) each
+    lengths, string, index = decode_counts_together([rle["counts"] for rle in rles])  # (L,) each
     sizes = [_size(rle) for rle in rles]
     if lengths.size and lengths.min() < 0:
         raise SegmentationError("RLE counts must not be negative")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sgdata.masks import SegmentationError, decode_counts_string, mask_to_rle
+from sgdata.masks import SegmentationError, decode_counts, decode_counts_string, mask_to_rle
 from sgmodel import mask_runs
 from sgmodel.inference import _interpolation_matrix
-from sgmodel.mask_runs import (MaskRuns, as_runs_list, decode_counts, dense_mask, runs_from_dense, runs_from_rle,
+from sgmodel.mask_runs import (MaskRuns, as_runs_list, dense_mask, runs_from_dense, runs_from_rle,
                                runs_from_rles, score_maps, score_runs, upsampling_axis)
 
 MASK_SIZES = [(427, 640), (375, 500), (1, 7), (7, 1), (33, 17), (1, 1), (10, 9)]

@@ -85,6 +85,37 @@ def test_rle_resize_and_transpose_invariants(mask, factor, op):
     assert np.array_equal(masks.rle_to_mask(both), NUMPY_TRANSPOSE[op](expected_up))
 
 
+
+def _pillow_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The definition resize_rles follows: the mask as an image, resized with Pillow's NEAREST."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(image.resize((width, height), Image.Resampling.NEAREST)) > 127  # (height, width)
+
+
+@FAST
+@given(st.lists(arrays(np.bool_, st.just((11, 17)), elements=st.booleans()), min_size=1, max_size=4),
+       st.integers(1, 40), st.integers(1, 40))
+def test_resizing_masks_on_their_runs_matches_pillow_at_any_size(mask_list, height, width):
+    rles = masks.resize_rles([masks.mask_to_rle(m) for m in mask_list], height, width)
+    for mask, rle in zip(mask_list, rles):
+        expected = _pillow_nearest(mask, height, width)
+        assert rle == masks.mask_to_rle(expected)  # same pixels and the very string pycocotools encodes
+
+
+@pytest.mark.parametrize("source, target", [((480, 640), (360, 480)), ((640, 427), (480, 320)),
+                                            ((375, 500), (384, 512)), ((427, 640), (213, 320))])
+def test_resizing_photo_sized_masks_matches_pillow(source, target):
+    rng = np.random.default_rng(sum(source))
+    blobs = [rng.random((8, 8)) < p for p in (0.0, 0.3, 0.7, 1.0)]  # coarse blobs, then noise, at full size
+    mask_list = [_pillow_nearest(b, *source) for b in blobs] + [rng.random(source) < 0.5]
+    mask_list[-2][0, 0] = mask_list[-2][-1, -1] = False  # runs that start and end inside the image too
+    rles = masks.resize_rles([masks.mask_to_rle(m) for m in mask_list], *target)
+    assert [masks.rle_to_mask(r).shape for r in rles] == [target] * len(mask_list)
+    for mask, rle in zip(mask_list, rles):
+        assert rle == masks.mask_to_rle(_pillow_nearest(mask, *target))
+    uncompressed = {"size": list(source), "counts": column_major_runs(mask_list[1])}
+    assert masks.resize_rle(uncompressed, *target) == rles[1]  # crowd-style counts give the same mask
+
 @FAST
 @given(bool_masks)
 def test_every_segmentation_form_of_a_mask_gives_the_same_mask(mask):

@@ -26,7 +26,7 @@ from typing import Any
 from sgdata.errors import UserError
 from sgdata.images import oriented_size
 from sgdata.masks import (
-    SegmentationError, check_rle, clean_polygons, resize_rle, segmentation_to_rle, transpose_rle,
+    SegmentationError, check_rle, clean_polygons, resize_rles, segmentation_to_rle, transpose_rle,
 )
 from sgdata.refer import load_instances, load_refs
 from sgdata.sources.base import Failure, Finalized, SampleError, SourcePlan, SampleSpec, StoredImage
@@ -428,7 +428,7 @@ def finalize(record: dict, image: StoredImage) -> Finalized:
         raise SampleError("size_mismatch", f"instances.json says {width}x{height} but the file is "
                           f"{image.source_width}x{image.source_height}; masks would not line up")
     upright = oriented_size(width, height, image.transpose)
-    refs, texts, failures = [], [], []
+    usable, rles, failures = [], [], []
     for entry in record["refs"]:
         try:
             rle = segmentation_to_rle(entry["segmentation"], height, width)
@@ -438,8 +438,12 @@ def finalize(record: dict, image: StoredImage) -> Finalized:
             continue
         if image.transpose is not None:
             rle = transpose_rle(rle, image.transpose)
-        if upright != (image.width, image.height):
-            rle = resize_rle(rle, image.height, image.width)
+        usable.append(entry)
+        rles.append(rle)
+    if upright != (image.width, image.height):
+        rles = resize_rles(rles, image.height, image.width)  # all of the image's masks in one pass
+    refs, texts = [], []
+    for entry, rle in zip(usable, rles):
         refs.append({
             "ref_id": entry["ref_id"],
             "ann_id": entry["ann_id"],
