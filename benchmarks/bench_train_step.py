@@ -7,10 +7,15 @@ ids; one phrase per image (the public code's sample is one (image, phrase) pair,
 - paper: the paper's configuration (sgmodel.config defaults: ViT-S/16 at 384x384, a BERT-base-sized
   text encoder with the 30,522-token WordPiece vocabulary, 18x2 = 36 slots, 6 iterations, width 512,
   4-layer reconstruction decoder), batch 8 on CPU;
-- tiny: configs/tiny.yaml, batch 8.
+- tiny: configs/tiny.yaml, batch 8, with the trainer's `compile: true` (`ShatterAndGather.compile_stages`):
+  at this size per-operation overhead is most of a step, which is what compiling removes. The eager
+  sgmodel step is timed beside it (`eager_*` in the results). The paper configuration runs eager: its
+  time is matrix products, and its compile would cost more than a quick run has.
 Memory: each (configuration, implementation) runs in a fresh child process that reports its peak
-resident memory (`ru_maxrss`: model, optimizer state, activations, and the interpreter; both sides
-import the same libraries, so the difference is the implementation's).
+resident memory over the timed steps (VmHWM, restarted after the warm-up steps, so one-off costs such
+as compiling are not counted; model, optimizer state, activations and the interpreter are; both sides
+import the same libraries, so the difference is the implementation's). The whole process's peak is
+recorded too (`process_peak_rss_gb`).
 Speed: in full mode one child builds both sides and interleaves their steps (A B, B A, ...), so load
 drift on a shared machine hits both alike; each side's figure is its median step. `--quick` takes the
 paper configuration's times from the memory children instead (one step, no warm-up, so it finishes in
@@ -27,21 +32,21 @@ import os
 import time
 from typing import Any
 
-from benchmarks.common import ROOT, median, peak_rss_bytes, result, run_child
+from benchmarks.common import ROOT, current_rss_bytes, median, peak_rss_bytes, reset_peak_rss, result, run_child
 
 PUBLIC_CODE = {"samples_per_s": 0.47, "peak_rss_gb": 7.0, "batch": 8,
                "note": "public implementation, measured on this machine kind (DESIGN.md §5)"}
 CONFIGS = {
-    # name: (config file or None for the paper defaults, vocabulary size, tokens per phrase, batch)
-    "paper": (None, 30522, 12, 8),
-    "tiny": ("configs/tiny.yaml", 384, 24, 8),
+    # name: (config file or None for the paper defaults, vocabulary size, tokens per phrase, batch, compiled)
+    "paper": (None, 30522, 12, 8, False),
+    "tiny": ("configs/tiny.yaml", 384, 24, 8, True),
 }
 
 
 def load(name: str):
     from sgmodel.config import load_config
 
-    path, vocab, length, batch = CONFIGS[name]
+    path, vocab, length, batch, _ = CONFIGS[name]
     return load_config(ROOT / path if path else None), vocab, length, batch
 
 
@@ -63,7 +68,11 @@ def make_batch(cfg, vocab: int, length: int, batch: int, seed: int = 0) -> dict[
 
 
 def build(impl: str, name: str):
-    """(model, optimizer, trainable parameters, batch, config) of one side, in train mode."""
+    """(model, optimizer, trainable parameters, batch, config) of one side, in train mode.
+
+    impl: "sgmodel" (compiled where the configuration says so, as `compile: true` trains),
+    "sgmodel-eager", or "baseline".
+    """
     import torch
 
     from benchmarks.baseline_sag import BaselineSaG, VocabOnly
@@ -71,7 +80,12 @@ def build(impl: str, name: str):
 
     cfg, vocab, length, batch_size = load(name)
     torch.manual_seed(0)
-    model = ShatterAndGather(cfg, tokenizer=VocabOnly(vocab)) if impl == "sgmodel" else BaselineSaG(cfg, vocab)
+    if impl == "baseline":
+        model = BaselineSaG(cfg, vocab)
+    else:
+        model = ShatterAndGather(cfg, tokenizer=VocabOnly(vocab))
+        if impl == "sgmodel" and CONFIGS[name][4]:
+            model.compile_stages()  # compiled on its first step (a warm-up step)
     model.train()
     optimizer = make_optimizer(impl, model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -83,7 +97,7 @@ def make_optimizer(impl: str, model, cfg):
     train.py builds inline); baseline: plain AdamW with the same groups, as the public code runs it."""
     import torch
 
-    if impl == "sgmodel":
+    if impl.startswith("sgmodel"):
         import sgmodel.train
 
         factory = getattr(sgmodel.train, "make_optimizer", None)
@@ -118,25 +132,32 @@ def _prepare_process() -> None:
 
 
 def child(impl: str, name: str, warmup: int, steps: int) -> dict[str, Any]:
-    """In a fresh process: one side's warm-up + timed steps, and the process's peak RSS."""
+    """In a fresh process: one side's warm-up + timed steps, and the peak RSS of the timed steps."""
     _prepare_process()
     rss_imports = peak_rss_bytes()
     side = build(impl, name)
     rss_built = peak_rss_bytes()
-    runs = [train_step(*side) for _ in range(warmup + steps)]
+    runs = [train_step(*side) for _ in range(warmup)]
+    restarted = reset_peak_rss()
+    resting = current_rss_bytes()  # what the process holds between steps: libraries, weights, optimizer state
+    runs += [train_step(*side) for _ in range(steps)]
     times = [t for t, _, _ in runs[warmup:]]
     return {
         "impl": impl, "config": name, "batch": len(side[3]["keys"]), "step_s": median(times),
         "step_times": [round(t, 3) for t in times], "step_cpu_s": median([c for _, c, _ in runs[warmup:]]),
-        "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports_bytes": rss_imports, "rss_after_build_bytes": rss_built,
-        "parameters": sum(p.numel() for p in side[2]), "finite": all(math.isfinite(l) for _, _, l in runs),
+        "first_step_s": runs[0][0], "peak_rss_bytes": peak_rss_bytes(), "peak_is_of_timed_steps": restarted,
+        "resting_rss_bytes": resting, "step_growth_bytes": peak_rss_bytes() - resting if restarted else None,
+        "process_peak_rss_bytes": max(peak_rss_bytes(), rss_built), "rss_after_imports_bytes": rss_imports,
+        "rss_after_build_bytes": rss_built, "parameters": sum(p.numel() for p in side[2]),
+        "finite": all(math.isfinite(l) for _, _, l in runs),
     }
 
 
 def child_alternating(name: str, warmup: int, steps: int) -> dict[str, Any]:
-    """In one process: both sides built, then their steps interleaved (A B B A ...), so load drift hits both alike."""
+    """In one process: every side built, then their steps interleaved (A B C, C B A, ...), so load drift hits all alike."""
     _prepare_process()
-    sides = {impl: build(impl, name) for impl in ("sgmodel", "baseline")}
+    impls = ("sgmodel", "baseline", "sgmodel-eager") if CONFIGS[name][4] else ("sgmodel", "baseline")
+    sides = {impl: build(impl, name) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in sides}
     cpus: dict[str, list[float]] = {impl: [] for impl in sides}
     finite = True
@@ -144,7 +165,7 @@ def child_alternating(name: str, warmup: int, steps: int) -> dict[str, Any]:
         for _ in range(warmup):
             finite &= math.isfinite(train_step(*sides[impl])[2])
     for i in range(steps):
-        for impl in ("sgmodel", "baseline") if i % 2 == 0 else ("baseline", "sgmodel"):
+        for impl in impls if i % 2 == 0 else impls[::-1]:
             seconds, cpu, loss = train_step(*sides[impl])
             times[impl].append(seconds)
             cpus[impl].append(cpu)
@@ -212,12 +233,25 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
             "step_times": timing["step_times"],
             "peak_rss_gb": {"sgmodel": round(ours_rss / 1e9, 3), "baseline": round(base_rss / 1e9, 3)},
             "memory_ratio_baseline_over_ours": round(base_rss / ours_rss, 3),
+            "memory_measured_over": "timed steps" if all(v["peak_is_of_timed_steps"] for v in alone.values())
+            else "whole process",
+            "process_peak_rss_gb": {k: round(v["process_peak_rss_bytes"] / 1e9, 3) for k, v in alone.items()},
+            # what the timed steps hold between steps, and what they allocate above that at their peak
+            "resting_rss_gb": {k: round(v["resting_rss_bytes"] / 1e9, 3) for k, v in alone.items()},
+            "step_growth_gb": {k: round(v["step_growth_bytes"] / 1e9, 3) if v["step_growth_bytes"] is not None
+                               else None for k, v in alone.items()},
+            "first_step_s": {k: round(v["first_step_s"], 2) for k, v in alone.items()},  # compiling, for sgmodel
+            "compiled": CONFIGS[name][4],
             "rss_after_imports_gb": {k: round(v["rss_after_imports_bytes"] / 1e9, 3) for k, v in alone.items()},
             "rss_after_build_gb": {k: round(v["rss_after_build_bytes"] / 1e9, 3) for k, v in alone.items()},
             "parameters": alone["sgmodel"]["parameters"],
             "threads": int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)),
             "device": "cpu",
         }
+        if "sgmodel-eager" in timing["step_s"]:  # the same model without compiling, timed beside the others
+            eager_sps = batch / timing["step_s"]["sgmodel-eager"]
+            extra["eager_samples_per_s"] = round(eager_sps, 4)
+            extra["eager_ratio"] = round(eager_sps / base_sps, 3)
         if name == "paper":
             extra["public_code"] = PUBLIC_CODE
             # Not side by side (it ran on a free machine): the estimate assumes the baseline, which computes

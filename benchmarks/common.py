@@ -56,6 +56,31 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set size now (Linux VmRSS; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's VmHWM afresh from its current RSS (Linux: `5` to /proc/self/clear_refs).
+
+    Lets a benchmark report the peak of its timed work alone, not of one-off set-up before it (imports,
+    building the model, compiling it). False where the kernel does not support it (the peak then
+    covers the whole process).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def process_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) a live process has used so far (Linux /proc; NaN when unreadable)."""
     try:

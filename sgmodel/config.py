@@ -103,6 +103,7 @@ class Config:
     warmup_steps: int = 5000
     grad_clip: float = 0.1
     precision: str = "bf16"  # "bf16" autocast on GPU | "fp32"; CPU always runs fp32
+    compile: bool = False  # torch.compile the training step's two stages: minutes to compile, faster steps after
     seed: int = 0
     eval_seed: int = 1234  # fixed generator for slot sampling at evaluation: reproducible metrics
     nan_policy: str = "stop"  # "stop" keeps the last good checkpoint and exits | "skip" skips the step

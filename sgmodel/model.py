@@ -112,32 +112,58 @@ class ShatterAndGather(nn.Module):
     # ---- training ------------------------------------------------------------------------------
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        tokens = self.image_tokens(batch)  # (B, N, C)
-        grid = self.token_grid(batch, tokens.shape[1])
+        """The training losses of a batch, in two tensor-only stages around the choice of negatives.
+
+        The stages see the batch's tensors only; the negatives (phrase strings, and collectives
+        under DDP) and the loss-weight schedule (Python state) are worked out between them. That
+        split is what lets `compile_stages` compile the step without recompiling per batch.
+        """
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        tokens, grid, slots, text = self._encode(tensors)  # (B, N, C), (h, w), (B, K, d), (T, d)
+        negatives, offset, excluded = self._negatives(slots, batch)  # (B_all, K, d), int, (T, B_all) or None
+        weight = self.contrastive_weight()
+        out = self._losses(tokens, grid, slots, text, tensors["text_image_index"], negatives, offset, excluded,
+                           torch.tensor(weight))
+        if hasattr(self, "steps_seen"):
+            out["contrastive_weight"] = torch.tensor(weight)
+        return out
+
+    def _encode(self, tensors: dict) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, torch.Tensor]:
+        """Stage 1: image tokens (B, N, C) on their (h, w) grid, slots (B, K, d), phrase embeddings (T, d)."""
+        tokens = self.image_tokens(tensors)  # (B, N, C)
+        grid = self.token_grid(tensors, tokens.shape[1])
         slots, _ = self.shatter(tokens, grid)  # (B, K, d)
-        text = self.text_embedding(batch)  # (T, d)
-        index = batch["text_image_index"].to(text.device)
-        negatives, offset, excluded = self._negatives(slots, batch)
+        return tokens, grid, slots, self.text_embedding(tensors)
+
+    def _losses(self, tokens, grid, slots, text, index, negatives, offset, excluded, weight) -> dict[str, torch.Tensor]:
+        """Stage 2: the contrastive loss over the negatives, the reconstruction loss, their weighted sum."""
         z, _ = self.gather(text, negatives)  # (B_all, T, d)
         scale = self.logit_scale()
-        contrastive, accuracy = contrastive_loss(text, z, index, scale, excluded, offset)
+        contrastive, accuracy = contrastive_loss(text, z, index.to(text.device), scale, excluded, offset)
         if self.decoder is not None:
             recon, _ = self.decoder(slots, grid)
             reconstruction = reconstruction_loss(recon, tokens)
         else:
             reconstruction = contrastive.new_zeros(())
-        weight = self.contrastive_weight()
-        loss = weight * contrastive + self.cfg.recon_weight * reconstruction
-        out = {
+        loss = weight.to(contrastive) * contrastive + self.cfg.recon_weight * reconstruction
+        return {
             "loss": loss,
             "contrastive": contrastive.detach(),
             "reconstruction": reconstruction.detach(),
             "accuracy": accuracy,
             "logit_scale": scale.detach(),
         }
-        if hasattr(self, "steps_seen"):
-            out["contrastive_weight"] = torch.tensor(weight)
-        return out
+
+    def compile_stages(self, **options) -> None:
+        """torch.compile the two stages of the training forward (config `compile`); inference stays eager.
+
+        Whole-step graphs (forward and backward) cut the per-operation overhead that dominates small
+        models (docs/benchmarks.md). Compiling takes minutes on a small CPU the first time (Inductor
+        caches the kernels on disk for later runs) and needs a C++ compiler there; batches of a new
+        size cost one more compile, after which sizes are treated as dynamic.
+        """
+        self._encode = torch.compile(self._encode, **options)
+        self._losses = torch.compile(self._losses, **options)
 
     def contrastive_weight(self) -> float:
         """1, or the warm-up schedule's weight at this training step (counted here: one forward per step)."""

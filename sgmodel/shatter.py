@@ -54,8 +54,11 @@ def sine_position_encoding(grid: tuple[int, int], dim: int, device=None, dtype=t
     Cached per grid, device and dtype (built once, never copied to the device again); built outside
     inference mode so a table first made during evaluation can still serve training.
     """
+    args = (int(grid[0]), int(grid[1]), int(dim), torch.device(device or "cpu"), dtype)
+    if torch.compiler.is_compiling():  # traced once into the graph as a constant: no cache to consult
+        return _sine_table.__wrapped__(*args)
     with torch.inference_mode(False):
-        return _sine_table(int(grid[0]), int(grid[1]), int(dim), torch.device(device or "cpu"), dtype)
+        return _sine_table(*args)
 
 
 class FeedForward(nn.Sequential):

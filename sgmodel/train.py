@@ -32,7 +32,8 @@ from sgmodel.config import Config, coerce, describe_fields, load_config, parse_o
 from sgmodel.data import parse_mixture, train_data
 
 # Fields that describe the run rather than the model or the optimisation: --resume may change them.
-RUN_FIELDS = {"out", "max_steps", "epochs", "checkpoint_every", "log_every", "workers", "train_shards", "feature_cache", "nan_policy"}
+RUN_FIELDS = {"out", "max_steps", "epochs", "checkpoint_every", "log_every", "workers", "train_shards", "feature_cache", "nan_policy",
+              "compile"}
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -255,6 +256,8 @@ def train(argv: list[str] | None = None) -> int:
     if resumed is not None:
         load_model_state(model, resumed, f"checkpoint {out / CHECKPOINT_NAME}")
     seed_everything(cfg.seed + rank)
+    if cfg.compile:  # before the DDP wrapper, which then calls the compiled stages
+        model.compile_stages()
 
     if dist.is_enabled():
         model = torch.nn.parallel.DistributedDataParallel(
