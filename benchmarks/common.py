@@ -40,6 +40,17 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from Linux's /proc/self/status (e.g. "VmHWM"), None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """This process's own peak resident set size.
 
@@ -47,24 +58,13 @@ def peak_rss_bytes() -> int:
     carries the RSS its parent had when it was spawned (the kernel keeps the larger across exec), so a
     child of a big benchmark driver would report the driver's memory. ru_maxrss (KiB) elsewhere.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss_bytes() -> int:
     """This process's resident set size now (Linux VmRSS; 0 where unavailable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def reset_peak_rss() -> bool:
