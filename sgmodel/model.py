@@ -123,7 +123,7 @@ class ShatterAndGather(nn.Module):
         negatives, offset, excluded = self._negatives(slots, batch)  # (B_all, K, d), int, (T, B_all) or None
         weight = self.contrastive_weight()
         out = self._losses(tokens, grid, slots, text, tensors["text_image_index"], negatives, offset, excluded,
-                           torch.tensor(weight))
+                           torch.tensor(weight, dtype=torch.float32))
         if hasattr(self, "steps_seen"):
             out["contrastive_weight"] = torch.tensor(weight)
         return out
@@ -145,7 +145,9 @@ class ShatterAndGather(nn.Module):
             reconstruction = reconstruction_loss(recon, tokens)
         else:
             reconstruction = contrastive.new_zeros(())
-        loss = weight.to(contrastive) * contrastive + self.cfg.recon_weight * reconstruction
+        # weight: a 0-dim CPU tensor, not a float, so a changing schedule never recompiles; it multiplies a
+        # tensor on any device without a copy to it
+        loss = weight * contrastive + self.cfg.recon_weight * reconstruction
         return {
             "loss": loss,
             "contrastive": contrastive.detach(),
