@@ -317,8 +317,8 @@ def _foreground_runs(rles: list[dict], area: int) -> tuple[np.ndarray, np.ndarra
     Positions are column-major (x * H + y) and run on from one mask into the next (mask k starts at
     k * area), so K masks of W columns read as one mask of K * W columns.
     """
-    strings = [_compressed(mask_utils.frPyObjects(rle, *rle["size"])) ["counts"] if isinstance(rle["counts"], list)
-               else rle["counts"] for rle in rles]  # uncompressed counts (crowd annotations) are rare
+    strings = [_compressed(mask_utils.frPyObjects(rle, *rle["size"]))["counts"] if isinstance(rle["counts"], list)
+               else rle["counts"] for rle in rles]  # uncompressed counts (crowd annotations): compressed first
     lengths, mask, index = decode_counts_together(strings)  # (L,) each
     totals = np.bincount(mask, weights=lengths, minlength=len(rles))  # (K,)
     if lengths.size and (lengths.min() < 0 or (totals != area).any()):
@@ -389,6 +389,7 @@ def resize_rles(rles: list[dict], height: int, width: int) -> list[dict]:
 def resize_rle(rle: dict, height: int, width: int) -> dict:
     """One mask's nearest-neighbour resize to (height, width) (see `resize_rles`)."""
     return resize_rles([rle], height, width)[0]
+
 
 def transpose_rle(rle: dict, transpose: int) -> dict:
     """Apply a PIL `Image.Transpose` operation (e.g. the image's EXIF orientation) to the mask."""
