@@ -121,11 +121,10 @@ class ShatterAndGather(nn.Module):
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         tokens, grid, slots, text = self._encode(tensors)  # (B, N, C), (h, w), (B, K, d), (T, d)
         negatives, offset, excluded = self._negatives(slots, batch)  # (B_all, K, d), int, (T, B_all) or None
-        weight = self.contrastive_weight()
-        out = self._losses(tokens, grid, slots, text, tensors["text_image_index"], negatives, offset, excluded,
-                           torch.tensor(weight, dtype=torch.float32))
+        weight = torch.tensor(self.contrastive_weight(), dtype=torch.float32)  # () on the CPU
+        out = self._losses(tokens, grid, slots, text, tensors["text_image_index"], negatives, offset, excluded, weight)
         if hasattr(self, "steps_seen"):
-            out["contrastive_weight"] = torch.tensor(weight)
+            out["contrastive_weight"] = weight
         return out
 
     def _encode(self, tensors: dict) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, torch.Tensor]:
