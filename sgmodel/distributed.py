@@ -66,6 +66,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return out / get_world_size()
 
 
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest of every rank's `value`, in place; on NCCL the host does not wait for it."""
+    if is_enabled():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenate `x` from every rank along dim 0; gradients flow to this rank's part only.
 
