@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                         help="dataloader workers for the loader measurement (0 skips it)")
     parser.add_argument("--loader-batches", type=int, default=40)
-    parser.add_argument("--loader-images", type=int, default=1600, help="synthetic 640x480 images in the loader's shards")
+    parser.add_argument("--loader-images", type=int, default=800, help="synthetic 640x480 images in the loader's shards")
     parser.add_argument("--results", default=str(RESULTS), help="results file the gpu_step rows are merged into")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny configuration on the CPU: checks the plumbing, measures nothing")
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)

@@ -48,6 +48,11 @@ def init(device_type: str | None = None) -> torch.device:
     return device
 
 
+def backend_name() -> str:
+    """"nccl", "gloo", or "single process"."""
+    return str(dist.get_backend()) if is_enabled() else "single process"
+
+
 def barrier() -> None:
     if is_enabled():
         dist.barrier()

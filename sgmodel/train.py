@@ -339,7 +339,8 @@ def train(argv: list[str] | None = None) -> int:
     autocast = precision_context(device, cfg.precision)
     log = RunLog(out, step, main)
     if main:
-        print(f"training {max_steps} steps ({data.steps_per_epoch} per epoch, {data.samples} samples, {world} rank(s) x {cfg.batch_size} images) from step {step} -> {out}", file=sys.stderr)
+        print(f"training {max_steps} steps ({data.steps_per_epoch} per epoch, {data.samples} samples, {world} rank(s) x {cfg.batch_size} images) "
+              f"from step {step} on {device} ({dist.backend_name()}, {'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}) -> {out}", file=sys.stderr)
     progress = tqdm(total=max_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
     last_saved, timer, images_since = step, time.time(), 0
     model.train()
