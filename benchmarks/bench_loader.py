@@ -86,8 +86,11 @@ def tokenizer_spec() -> str:
     return "package:all-minilm-l6-v2"
 
 
-def loader_rate(shards: str, batches: int) -> dict[str, Any]:
-    """In this process: the training loader's images/s over `batches` batches after the warm-up."""
+def loader_rate(shards: str, batches: int, workers: int = WORKERS, batch: int = BATCH, on_cuda: bool = False) -> dict[str, Any]:
+    """In this process: the training loader's images/s over `batches` batches after the warm-up.
+
+    on_cuda: the loader as a GPU run builds it (pinned batches, persistent workers, deeper prefetch).
+    """
     import torch
 
     from benchmarks.common import process_tree_cpu_seconds
@@ -95,11 +98,11 @@ def loader_rate(shards: str, batches: int) -> dict[str, Any]:
     from sgmodel.data import train_data
     from sgmodel.encoders import build_tokenizer
 
-    cfg = Config(train_shards=shards, image_size=(SIZE, SIZE), workers=WORKERS, batch_size=BATCH, shuffle_buffer=100,
+    cfg = Config(train_shards=shards, image_size=(SIZE, SIZE), workers=workers, batch_size=batch, shuffle_buffer=100,
                  tokenizer_path=tokenizer_spec())
-    data = train_data(cfg, build_tokenizer(cfg))
+    data = train_data(cfg, build_tokenizer(cfg), on_cuda=on_cuda)
     batches_iter = iter(data.loader)
-    for _ in range(WORKERS):  # each worker's first batch includes its start-up
+    for _ in range(max(1, workers)):  # each worker's first batch includes its start-up
         first = next(batches_iter)
     assert first["images"].shape[-2:] == (SIZE, SIZE), first["images"].shape
     images = texts = 0

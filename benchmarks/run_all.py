@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     merged = {name: ordered.get(name, previous.get(name)) for name in REQUIRED if name in ordered or name in previous}
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(merged, indent=1) + "\n")
+    others = {name: row for name, row in previous.items() if name not in REQUIRED}  # e.g. gpu_step rows from a GPU machine
+    results_path.write_text(json.dumps({**merged, **others}, indent=1) + "\n")
 
     machine_line = (f"{info['nproc']} cores ({info['cpu_model']}), {info.get('memory_gb', '?')} GB, torch {info['torch']}, "
                     f"Pillow {info['pillow']}, Python {info['python']}, GPU: {info['gpu'] or 'none'}; "

@@ -48,6 +48,11 @@ def init(device_type: str | None = None) -> torch.device:
     return device
 
 
+def backend_name() -> str:
+    """"nccl", "gloo", or "single process"."""
+    return str(dist.get_backend()) if is_enabled() else "single process"
+
+
 def barrier() -> None:
     if is_enabled():
         dist.barrier()
@@ -64,6 +69,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out)
     return out / get_world_size()
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest of every rank's `value`, in place; on NCCL the host does not wait for it."""
+    if is_enabled():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -167,16 +167,28 @@ class ShatterAndGather(nn.Module):
         self._losses = torch.compile(self._losses, **options)
 
     def contrastive_weight(self) -> float:
-        """1, or the warm-up schedule's weight at this training step (counted here: one forward per step)."""
+        """1, or the warm-up schedule's weight at this training step (counted here: one forward per step).
+
+        The count lives in the `steps_seen` buffer (saved with the model, so a resumed run continues the
+        schedule) and in a host copy read from it once after building or loading: reading the buffer
+        each step would make the step wait for the GPU.
+        """
         if not hasattr(self, "steps_seen"):
             return 1.0
-        step = int(self.steps_seen)
+        if getattr(self, "_host_steps_seen", None) is None:
+            self._host_steps_seen = int(self.steps_seen)
+        step = self._host_steps_seen
         if self.training:
             self.steps_seen += 1
+            self._host_steps_seen += 1
         warm, ramp = self.cfg.contrastive_warmup_steps, self.cfg.contrastive_ramp_steps
         if step < warm:
             return 0.0
         return min(1.0, (step - warm + 1) / ramp) if ramp > 0 else 1.0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._host_steps_seen = None  # re-read from the loaded buffer on the next step
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _negatives(self, slots: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """The images every local text is contrasted with: (slots (B_all, K, d), local offset, excluded mask).

@@ -187,6 +187,14 @@ def log_record(step: int, epoch: int, outputs: dict, lr: float, grad_norm: torch
     return record
 
 
+def skipped_record(step: int, epoch: int, count: int) -> dict[str, Any]:
+    """The log line of a skipped step found after the fact (flags are read at log steps only)."""
+    if dist.is_main_process():
+        print(f"step {step}: non-finite loss or gradient, update skipped (nan_policy=skip); {count} such step(s) since the last log line", file=sys.stderr)
+    return {"step": step, "epoch": epoch, "loss": None, "contrastive": None, "reconstruction": None, "accuracy": None,
+            "skipped": True, "skipped_steps": count}
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW over the model's parameter groups, fused when every parameter allows it.
 
@@ -203,13 +211,60 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank: all ranks take the same branch, none hangs."""
-    if not dist.is_enabled():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(value)
-    return bool(value.item() > 0)
+PRECISIONS = ("bf16", "fp32")
+
+
+def precision_context(device: torch.device, precision: str):
+    """The autocast the step runs under: bf16 on a GPU when `precision` is bf16, else fp32 (nothing).
+
+    A CPU always trains in fp32: few CPUs have fast bf16 matrix units, and fp32 there costs no memory
+    that matters. The bf16 path itself is checked on the CPU by tests/test_precision.py, which runs
+    `train_step` under torch.autocast("cpu", torch.bfloat16) against fp32.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model on its device; on a GPU the image encoder's convolutions hold NHWC (channels-last) weights.
+
+    cuDNN's bf16 convolutions are fastest in NHWC, and a convolution whose weight is channels-last
+    gives channels-last outputs, so the whole CNN encoder runs in that layout without touching the
+    images. Only 4-D weights change layout; the parameters stay the same objects.
+    """
+    model = model.to(device)
+    if device.type == "cuda":
+        model.image_encoder.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, batch: dict[str, Any], trainable: list, grad_clip: float,
+               autocast) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One optimizer step that never waits for the device: returns (outputs, grad_norm, bad).
+
+    bad: a 0-dim float tensor on the device, 1.0 when the loss or the gradient norm is NaN or infinite
+    on any rank. Such a step changes no weight, and the host need not look: the fused AdamW kernel
+    takes `bad` as its found-inf flag (the way GradScaler skips steps) and skips the update on the
+    device. The trainer reads the flags only at log and checkpoint steps. The backward pass runs even
+    for a bad step, so every rank runs the same collectives.
+    """
+    with autocast:
+        outputs = model(batch)
+    loss = outputs["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()
+    bad = dist.all_reduce_max(bad)  # the norm is of all-reduced gradients, the loss is per rank
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad  # read by the fused kernel: a flagged step updates nothing
+        optimizer.step()
+    elif not bool(bad):  # an unfused optimizer cannot skip on the device: here the host waits
+        optimizer.step()
+    return outputs, grad_norm, bad
 
 
 def write_checkpoint(out: Path, cfg: Config, step: int, steps_per_epoch: int, model, optimizer, scheduler, stats) -> None:
@@ -245,7 +300,7 @@ def train(argv: list[str] | None = None) -> int:
 
     seed_everything(cfg.seed)
     tokenizer = build_tokenizer(cfg)
-    model = ShatterAndGather(cfg, tokenizer).to(device)
+    model = place_model(ShatterAndGather(cfg, tokenizer), device)
 
     # frozen encoders: features once per sample, standardisation statistics into the model
     urls = [u for part, _ in parse_mixture(cfg.train_shards) for u in part]
@@ -281,47 +336,52 @@ def train(argv: list[str] | None = None) -> int:
             restore_rng_states(per_rank[rank])
         step = resumed["step"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and cfg.precision == "bf16" else contextlib.nullcontext()
+    autocast = precision_context(device, cfg.precision)
     log = RunLog(out, step, main)
     if main:
-        print(f"training {max_steps} steps ({data.steps_per_epoch} per epoch, {data.samples} samples, {world} rank(s) x {cfg.batch_size} images) from step {step} -> {out}", file=sys.stderr)
+        print(f"training {max_steps} steps ({data.steps_per_epoch} per epoch, {data.samples} samples, {world} rank(s) x {cfg.batch_size} images) "
+              f"from step {step} on {device} ({dist.backend_name()}, {'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}) -> {out}", file=sys.stderr)
     progress = tqdm(total=max_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
     last_saved, timer, images_since = step, time.time(), 0
     model.train()
 
     # ---- the loop --------------------------------------------------------------------------------
+    # Non-finite steps are counted on the device (bad_steps, and the first one's step number) and read
+    # at log and checkpoint steps only: no step waits for the GPU. A flagged step updated nothing.
+    bad_steps = torch.zeros((), device=device)
+    first_bad = torch.full((), -1.0, device=device)
     try:
         while step < max_steps:
             epoch = step // data.steps_per_epoch
             for batch in data.epoch_batches(epoch, start=step % data.steps_per_epoch):
                 batch = to_device(batch, device)
-                with autocast:
-                    outputs = model(batch)
-                loss = outputs["loss"]
-                bad = any_rank(not torch.isfinite(loss.detach()).item(), device)
-                if bad and cfg.nan_policy == "stop":
-                    raise UserError(_stopped_message(step + 1, "loss", last_saved, out))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # even for a skipped step, so every rank runs the same collectives
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if not bad and not torch.isfinite(grad_norm).item():  # the norm is of all-reduced grads: same on every rank
-                    bad = True
-                    if cfg.nan_policy == "stop":
-                        raise UserError(_stopped_message(step + 1, "gradient norm", last_saved, out))
                 lr = max(scheduler.get_last_lr())
-                if not bad:
-                    optimizer.step()
+                outputs, grad_norm, bad = train_step(model, optimizer, batch, trainable, cfg.grad_clip, autocast)
                 scheduler.step()
                 step += 1
+                bad_steps += bad
+                first_bad = torch.where((first_bad < 0) & (bad > 0), float(step), first_bad)
                 images_since += len(batch["keys"]) * world
                 progress.update(1)
 
-                if bad or step % cfg.log_every == 0 or step == max_steps:
-                    record = log_record(step, epoch, outputs, lr, grad_norm, images_since / max(time.time() - timer, 1e-9), bad)
+                log_now = step % cfg.log_every == 0 or step == max_steps
+                save_now = step % cfg.checkpoint_every == 0 or step == max_steps
+                if not (log_now or save_now):
+                    continue
+                flagged, first, this_bad = (int(v) for v in torch.stack([bad_steps, first_bad, bad]).tolist())
+                if flagged:
+                    if cfg.nan_policy == "stop":
+                        raise UserError(_stopped_message(first, last_saved, out))
+                    if first != step:  # an earlier skipped step gets its own line; this step's goes below
+                        log.write(skipped_record(first, epoch, flagged - this_bad))
+                    bad_steps.zero_()
+                    first_bad.fill_(-1.0)
+                if log_now or this_bad:
+                    record = log_record(step, epoch, outputs, lr, grad_norm, images_since / max(time.time() - timer, 1e-9), bool(this_bad))
                     log.write(record)
                     progress.set_postfix(loss=f"{record['loss']}"[:7], lr=f"{lr:.2e}")
                     timer, images_since = time.time(), 0
-                if step % cfg.checkpoint_every == 0 or step == max_steps:
+                if save_now:
                     write_checkpoint(out, cfg, step, data.steps_per_epoch, model, optimizer, scheduler, stats)
                     last_saved = step
                 if step >= max_steps:
@@ -334,9 +394,10 @@ def train(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stopped_message(step: int, what: str, last_saved: int, out: Path) -> str:
+def _stopped_message(step: int, last_saved: int, out: Path) -> str:
     kept = f"{out / CHECKPOINT_NAME} still holds step {last_saved}" if last_saved > 0 else "no checkpoint had been written yet"
-    return f"the {what} became NaN or infinite at step {step}, so training stopped and {kept} (lower --lr, or pass --nan-policy skip to skip such steps)"
+    return (f"the loss or gradient norm became NaN or infinite at step {step}, so training stopped (that step and any "
+            f"after it updated no weight) and {kept} (lower --lr, or pass --nan-policy skip to skip such steps)")
 
 
 def main(argv: list[str] | None = None) -> int:

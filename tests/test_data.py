@@ -160,6 +160,16 @@ def test_a_resumed_epoch_yields_the_same_remaining_batches(shard_dir, tokenizer,
     assert _keys(data.epoch_batches(1, start=1)) == full[1:]
 
 
+def test_persistent_workers_serve_the_same_epochs_and_resumed_epochs(shard_dir, tokenizer):
+    """On a GPU the workers persist across epochs: each epoch (and a resumed one) must still be the same batches."""
+    cfg = tiny_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=2, workers=2)
+    fresh = train_data(cfg, tokenizer, persistent_workers=False)
+    kept = train_data(cfg, tokenizer, persistent_workers=True)
+    assert kept.loader.persistent_workers and not fresh.loader.persistent_workers
+    for epoch, start in [(0, 0), (1, 0), (1, 3), (0, 1), (2, 0)]:
+        assert _keys(kept.epoch_batches(epoch, start)) == _keys(fresh.epoch_batches(epoch, start)), (epoch, start)
+
+
 def test_worker_skip_counts_round_robin_batches():
     # batches 0..4 over 2 workers: worker 0 made 0, 2, 4 and worker 1 made 1, 3
     assert [worker_skip(5, w, 2) for w in range(2)] == [3, 2]
