@@ -16,6 +16,7 @@ no phrase, a picture over MAX_PIXELS) comes back as a message on the page. The s
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import tempfile
@@ -169,7 +170,8 @@ def build_page(answer: Answerer, examples: list[tuple[str, str]]):
         try:
             overlays, tiles, table, files, status, warnings = answer(upload, text)
         except UserError as exc:
-            raise gr.Error(str(exc), title="Cannot segment") from None
+            # the message is shown as HTML; print_exception=False: a user's mistake is no server traceback
+            raise gr.Error(html.escape(str(exc)), print_exception=False) from None
         for message in warnings:
             gr.Warning(message)
         return overlays, tiles, table, files, status
