@@ -144,6 +144,7 @@ class Segmenter:
             "attention_mask": attention_mask.repeat(count, 1).to(self.device),
             "text_image_index": torch.arange(count, device=self.device).repeat_interleave(phrases),  # (B·P,)
             "texts": texts * count,
+            "keys": [f"image-{b}" for b in range(count)],
         }
         out = self.model.infer(batch)
         maps, slot_maps, weights = out["maps"].float().cpu(), out["slot_maps"].float().cpu(), out["weights"].float().cpu()

@@ -178,7 +178,7 @@ def build_page(answer: Answerer, examples: list[tuple[str, str]]):
 
     with gr.Blocks(title="Shatter and Gather", analytics_enabled=False) as page:
         gr.Markdown("## Shatter and Gather: referring segmentation\nUpload a picture or pick an example, "
-                    "type what to find (one phrase per line) and press **Segment**.")
+                    "type what to find (one phrase per line) and press **Segment** (or Shift+Enter).")
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(label="Picture", type="filepath", image_mode=None, format="png",
