@@ -96,7 +96,7 @@ def predict_files(checkpoint: str, files: list[Path], texts: list[str], out: Pat
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     single = len(files) == 1 and len(texts) == 1 and not out.is_dir()
-    if single:  # one image, one phrase: a mask file, the overlay beside it; an unreadable image is fatal
+    if len(files) == 1:  # one image: unreadable is fatal, found before the model loads or a folder is made
         read_image(files[0])
     segmenter = Segmenter.from_checkpoint(checkpoint, device)
     (out.parent if single else out).mkdir(parents=True, exist_ok=True)
@@ -127,8 +127,6 @@ def predict_files(checkpoint: str, files: list[Path], texts: list[str], out: Pat
         print(f"skipped: {message}", file=sys.stderr)
     if len(files) > 1:
         print(f"{written} image(s) x {len(texts)} phrase(s) -> {out}" + (f"; {len(skipped)} skipped" if skipped else ""), file=sys.stderr)
-    if skipped and len(files) == 1:
-        raise UserError(skipped[0])
     return 1 if skipped else 0
 
 
