@@ -1,70 +1,34 @@
-"""Segment what phrases refer to in one image, with a trained checkpoint.
+"""Segment what phrases refer to in images, with a trained checkpoint, and write masks and overlays.
 
-    python -m sgmodel.predict --checkpoint RUN/checkpoint.pt --image photo.jpg --text "the dog on the left" --out mask.png
+    sgmodel predict --checkpoint RUN/checkpoint.pt --image photo.jpg --text "the dog on the left" --out mask.png
+    sgmodel predict --checkpoint RUN/checkpoint.pt --images photos/ --text "the dog" --text "the ball" --out masks/
 
-Writes a binary mask PNG at the image's size per phrase (one phrase: --out itself; several:
-<out stem>-<i><suffix>) and an overlay PNG (<out stem>-overlay.png) showing every phrase's mask.
+One image and one phrase: a binary mask PNG at the image's size in --out and an overlay beside it
+(<out stem>-overlay.png). More than one image or phrase: --out is a folder holding, per image,
+<image stem>-<i>.png for the i-th phrase (in the order of --text) and <image stem>-overlay.png with
+every phrase's mask tinted in its own colour. Images go through the model in batches.
+`python -m sgmodel.predict` takes the same options.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from sgdata.errors import UserError
-from sgmodel.checkpoint import model_from_checkpoint
-from sgmodel.data import image_to_tensor
-from sgmodel.evaluate import pick_device
+from sgmodel.segment import IMAGE_SUFFIXES, Segmenter, clean_phrases, mask_image, read_image
 
 
-def read_image(path: str) -> Image.Image:
-    """An upright RGB image, or a one-sentence UserError."""
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image {path} does not exist") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"image {path} cannot be read as an image ({type(exc).__name__})") from None
-
-
-def mask_paths(out: Path, count: int) -> list[Path]:
-    """--out for one phrase; <stem>-<i><suffix> for several (a missing suffix becomes .png)."""
-    suffix = out.suffix or ".png"
-    return [out.with_suffix(suffix)] if count == 1 else [out.with_name(f"{out.stem}-{i}{suffix}") for i in range(count)]
-
-
-@torch.no_grad()
 def predict(checkpoint: str, image_path: str, texts: list[str], device: str = "auto") -> tuple[Image.Image, list[np.ndarray]]:
     """(the image, one bool mask (H, W) per phrase at the image's size)."""
-    from sgmodel.encoders import build_tokenizer, tokenize
-    from sgmodel.inference import predict_masks
-
-    texts = [t.strip() for t in texts]
-    if not texts or not all(texts):
-        raise UserError("every --text must be a non-empty phrase")
+    texts = clean_phrases(texts)
     image = read_image(image_path)
-    dev = pick_device(device)
-    model, cfg, _ = model_from_checkpoint(checkpoint, dev)
-    input_ids, attention_mask = tokenize(build_tokenizer(cfg), texts, cfg.max_text_length)  # (T, L) each
-    batch = {
-        "images": image_to_tensor(image, cfg.image_size)[None].to(dev),  # (1, 3, H, W)
-        "input_ids": input_ids.to(dev),
-        "attention_mask": attention_mask.to(dev),
-        "text_image_index": torch.zeros(len(texts), dtype=torch.long, device=dev),  # (T,)
-        "texts": texts,
-        "keys": [Path(image_path).stem],
-    }
-    maps = model.infer(batch)["maps"].float().cpu()  # (T, h, w)
-    masks = predict_masks(maps, [(image.height, image.width)] * len(texts))
-    return image, [m.numpy() for m in masks]
+    segmenter = Segmenter.from_checkpoint(checkpoint, device)
+    return image, segmenter.segment([image], texts)[0].masks
 
 
 def overlay_all(image: Image.Image, masks: list[np.ndarray], texts: list[str]) -> Image.Image:
@@ -77,31 +41,100 @@ def overlay_all(image: Image.Image, masks: list[np.ndarray], texts: list[str]) -
     return caption_tile(tinted, [(text, color_for(i)) for i, text in enumerate(texts)], width=min(768, max(256, image.width)))
 
 
+def image_files(images: Sequence[Path], folder: Path | None) -> list[Path]:
+    """The --image files, then the image files of --images (sorted by name); none at all is a UserError."""
+    files = [Path(p) for p in images]
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"image {path} does not exist")
+    if folder is not None:
+        if not folder.is_dir():
+            raise UserError(f"--images {folder} is not a folder")
+        found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise UserError(f"--images {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files += found
+    if not files:
+        raise UserError("give an image: --image FILE (repeatable) or --images FOLDER")
+    return files
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """A distinct name per image for its outputs: the file's stem, numbered when two stems clash."""
+    names, seen = [], set()
+    for path in files:
+        name, n = path.stem, 1
+        while name in seen:
+            n += 1
+            name = f"{path.stem}-{n}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _batches(files: list[Path], size: int, skipped: list[str]) -> Iterator[list[tuple[int, Image.Image]]]:
+    """(index, image) in groups of `size`; an unreadable image is reported in `skipped` and left out."""
+    batch = []
+    for i, path in enumerate(files):
+        try:
+            batch.append((i, read_image(path)))
+        except UserError as exc:
+            skipped.append(str(exc))
+            continue
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_files(checkpoint: str, files: list[Path], texts: list[str], out: Path, device: str = "auto", batch_size: int = 8) -> int:
+    """Write masks and overlays for every image and phrase; return the exit status (1 if an image was skipped)."""
+    from tqdm import tqdm
+
+    texts = clean_phrases(texts)
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    single = len(files) == 1 and len(texts) == 1 and not out.is_dir()
+    if len(files) == 1:  # one image: unreadable is fatal, found before the model loads or a folder is made
+        read_image(files[0])
+    segmenter = Segmenter.from_checkpoint(checkpoint, device)
+    (out.parent if single else out).mkdir(parents=True, exist_ok=True)
+    names = output_names(files)
+    skipped: list[str] = []
+    written = 0
+    with tqdm(total=len(files), desc="predict", unit="image", disable=len(files) == 1, dynamic_ncols=True) as progress:
+        for batch in _batches(files, batch_size, skipped):
+            results = segmenter.segment([image for _, image in batch], texts)
+            for (i, image), result in zip(batch, results):
+                if single:
+                    mask_paths = [out.with_suffix(out.suffix or ".png")]
+                    overlay = out.with_name(f"{out.stem}-overlay.png")
+                else:
+                    mask_paths = [out / f"{names[i]}-{t}.png" for t in range(len(texts))]
+                    overlay = out / f"{names[i]}-overlay.png"
+                for path, mask in zip(mask_paths, result.masks):
+                    mask_image(mask).save(path)
+                overlay_all(image, result.masks, texts).save(overlay)
+                written += 1
+                if len(files) == 1:
+                    for path, text, mask in zip(mask_paths, texts, result.masks):
+                        print(f"{path}: {text!r} covers {mask.mean():.1%} of the image", file=sys.stderr)
+                    print(f"overlay: {overlay}", file=sys.stderr)
+            progress.update(batch[-1][0] + 1 - progress.n)  # skipped images count as done
+        progress.update(len(files) - progress.n)
+    for message in skipped:
+        print(f"skipped: {message}", file=sys.stderr)
+    if len(files) > 1:
+        print(f"{written} image(s) x {len(texts)} phrase(s) -> {out}" + (f"; {len(skipped)} skipped" if skipped else ""), file=sys.stderr)
+    return 1 if skipped else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sgmodel.predict", description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt (or its run folder)")
-    parser.add_argument("--image", required=True, help="the image file")
-    parser.add_argument("--text", action="append", required=True, help="a referring phrase (repeat for several)")
-    parser.add_argument("--out", required=True, help="mask PNG (several phrases: <stem>-0.png, <stem>-1.png, ...)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    args = parser.parse_args(argv)
-    try:
-        image, masks = predict(args.checkpoint, args.image, args.text, args.device)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path, mask in zip(mask_paths(out, len(masks)), masks):
-        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
-        written.append(path)
-    overlay = out.with_name(f"{out.stem}-overlay.png")
-    overlay_all(image, masks, [t.strip() for t in args.text]).save(overlay)
-    for path, text, mask in zip(written, args.text, masks):
-        print(f"{path}: {text!r} covers {mask.mean():.1%} of the image", file=sys.stderr)
-    print(f"overlay: {overlay}", file=sys.stderr)
-    return 0
+    """`python -m sgmodel.predict ...` is `sgmodel predict ...`."""
+    from sgmodel.cli import main as cli_main
+
+    return cli_main(["predict", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

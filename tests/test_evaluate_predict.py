@@ -107,11 +107,12 @@ def test_predict_writes_masks_at_the_image_size_and_an_overlay(trained, tmp_path
     assert mask.size == (53, 37) and mask.mode == "L" and set(np.unique(np.asarray(mask))) <= {0, 255}
     assert (tmp_path / "one-overlay.png").is_file()
 
-    args = ["--checkpoint", trained["checkpoint"], "--image", str(image), "--text", "the red box", "--text", "blue one", "--out", str(tmp_path / "m.png")]
+    # several phrases: --out is a folder with <image stem>-<i>.png per phrase and <image stem>-overlay.png
+    args = ["--checkpoint", trained["checkpoint"], "--image", str(image), "--text", "the red box", "--text", "blue one", "--out", str(tmp_path / "m")]
     assert predict_module.main(args) == 0
-    assert [Image.open(tmp_path / f"m-{i}.png").size for i in range(2)] == [(53, 37)] * 2
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "m-0.png")), np.asarray(mask))  # same phrase, same mask
-    assert Image.open(tmp_path / "m-overlay.png").width >= 53
+    assert [Image.open(tmp_path / "m" / f"photo-{i}.png").size for i in range(2)] == [(53, 37)] * 2
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m" / "photo-0.png")), np.asarray(mask))  # same phrase, same mask
+    assert Image.open(tmp_path / "m" / "photo-overlay.png").width >= 53
 
 
 def test_predict_refuses_an_unreadable_image(trained, tmp_path, capsys):
