@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sgdata.masks import SegmentationError, decode_counts_together, rle_to_mask
+from sgdata.format import SegmentationError, decode_counts_together, rle_to_mask
 from sgmodel.inference import group_by_size
 
 # Knots (phrase x pixel column x grid row) scored in one array: bounds the scratch memory (~16 bytes each).

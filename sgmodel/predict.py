@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from sgdata.errors import UserError
+from sgdata.format.drawing import caption_tile, color_for, overlay_mask
+from sgdata.format.errors import UserError
 from sgmodel.checkpoint import model_from_checkpoint
 from sgmodel.data import image_to_tensor
 from sgmodel.evaluate import pick_device
@@ -69,8 +70,6 @@ def predict(checkpoint: str, image_path: str, texts: list[str], device: str = "a
 
 def overlay_all(image: Image.Image, masks: list[np.ndarray], texts: list[str]) -> Image.Image:
     """Every phrase's mask tinted in its own colour, the phrases listed beneath in those colours."""
-    from sgdata.render import caption_tile, color_for, overlay_mask
-
     tinted = image
     for i, mask in enumerate(masks):
         tinted = overlay_mask(tinted, mask, color_for(i), alpha=0.45)

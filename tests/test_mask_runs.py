@@ -8,7 +8,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sgdata.masks import SegmentationError, decode_counts, decode_counts_string, mask_to_rle
+from oracles import decode_counts_string
+
+from sgdata.format import SegmentationError, decode_counts, mask_to_rle
 from sgmodel import mask_runs
 from sgmodel.inference import _interpolation_matrix
 from sgmodel.mask_runs import (MaskRuns, as_runs_list, dense_mask, runs_from_dense, runs_from_rle,

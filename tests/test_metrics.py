@@ -134,7 +134,7 @@ def test_masks_whose_true_bytes_are_not_one_score_the_same():
 def test_masks_as_the_loader_hands_them_over_score_as_dense_masks():
     """The eval loader passes the shards' RLE dicts; decoded runs and dense masks are accepted too, and all
     give the same numbers as the per-sample reference."""
-    from sgdata.masks import mask_to_rle
+    from sgdata.format import mask_to_rle
     from sgmodel.mask_runs import runs_from_dense
 
     maps, masks = random_case(4)
@@ -158,7 +158,7 @@ def test_masks_as_the_loader_hands_them_over_score_as_dense_masks():
 
 
 def test_one_rle_shared_by_several_phrases_scores_each_against_its_own_map():
-    from sgdata.masks import mask_to_rle
+    from sgdata.format import mask_to_rle
 
     gt = np.zeros((30, 40), dtype=bool)
     gt[5:20, 10:30] = True

@@ -91,7 +91,7 @@ def test_position_encoding_goes_to_keys_only():
 
 
 def test_shatter_rejects_wrong_grid():
-    from sgdata.errors import UserError
+    from sgdata.format.errors import UserError
 
     with pytest.raises(UserError):
         make_shatter()(torch.randn(1, 10, 24), (3, 4))

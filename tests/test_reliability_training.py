@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel.checkpoint import load_checkpoint
 from sgmodel.train import main as train_main
 from test_train_fixtures import write_shards
