@@ -78,3 +78,11 @@ def per_pixel_scores(grid: np.ndarray, mask: np.ndarray, threshold: float = 0.5)
     predicted = predicted_mask(response, threshold)
     hit = bool(mask.flat[int(np.argmax(response))])
     return int((predicted & mask).sum()), int((predicted | mask).sum()), hit
+
+
+def dense_from_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Foreground runs [starts, ends) of column-major positions (x * H + y) -> bool mask (H, W)."""
+    flat = np.zeros(height * width, dtype=bool)  # column-major
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        flat[start:end] = True
+    return flat.reshape(width, height).T
