@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import sgmodel
-from sgdata.format import UserError, atomic_write
+from sgdata.format import UserError, atomic_write, remove_temporaries
 from sgmodel.config import Config, from_dict, to_dict
 
 FORMAT = "sgmodel-checkpoint/1"
@@ -84,6 +84,7 @@ def save_checkpoint(
         "feature_stats": None if feature_stats is None else {"mean": feature_stats[0].cpu(), "std": feature_stats[1].cpu()},
         "extra": extra or {},
     }
+    remove_temporaries(path)  # what a killed save left: one writer (rank 0), so none is in progress
     atomic_torch_save(state, path)
     return path
 

@@ -16,8 +16,8 @@ behind it. docs/data-format.md describes the files; this package holds the code 
 
 from sgdata.format.drawing import caption_tile, color_for, make_grid, overlay_mask
 from sgdata.format.errors import SampleError, SegmentationError, UserError
-from sgdata.format.files import (atomic_write, fsync_dir, is_temporary, temporary_name, write_bytes_atomic,
-                                 write_json_atomic, write_text_atomic)
+from sgdata.format.files import (atomic_write, fsync_dir, is_temporary, remove_temporaries, temporary_name,
+                                 write_bytes_atomic, write_json_atomic, write_text_atomic)
 from sgdata.format.images import decode_rgb
 from sgdata.format.rle import (check_rle, decode_counts, decode_counts_together, foreground_runs, mask_to_rle,
                                rle_to_mask)
@@ -26,7 +26,7 @@ from sgdata.format.shards import expand_shards, is_valid_key, iter_tar_samples, 
 
 __all__ = [
     "SampleError", "SegmentationError", "UserError",
-    "atomic_write", "fsync_dir", "is_temporary", "temporary_name", "write_bytes_atomic", "write_json_atomic",
+    "atomic_write", "fsync_dir", "is_temporary", "remove_temporaries", "temporary_name", "write_bytes_atomic", "write_json_atomic",
     "write_text_atomic",
     "expand_shards", "is_valid_key", "iter_tar_samples", "parse_mixture", "split_member_name",
     "sample_meta", "sample_texts",

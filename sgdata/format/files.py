@@ -6,7 +6,8 @@ therefore sees the old file or the new one, never a torn one, and two processes 
 file (two builds on one network folder, two runs filling one feature cache) never mix their bytes,
 because host and process id keep their temporaries apart. A write that fails removes its temporary;
 only a process killed outright leaves one behind, which `is_temporary` recognises (sgdata's build
-and verify clean or report them).
+and verify clean or report them; a file with a single writer, such as a checkpoint, removes its own
+with `remove_temporaries` before the next write).
 
 `fsync_dir` makes renames durable: the data is fsynced before the rename, but the rename itself
 lives in the folder, so writers call it once after their last rename where a machine crash must not
@@ -15,6 +16,7 @@ undo the write (a build after its last shard, a checkpoint after each save).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -40,6 +42,19 @@ def temporary_name(final: str | Path) -> Path:
 def is_temporary(name: str) -> bool:
     """True for a file name `temporary_name` makes (a write in progress, or one killed half-way)."""
     return name.startswith(".") and TMP_MARK in name
+
+
+def remove_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries that killed writes of `path` left beside it (any host, any process); return them.
+
+    Only for a file with one writer at a time (a run's checkpoint): where several processes may be
+    writing the same file, their temporaries are work in progress, not leftovers.
+    """
+    path = Path(path)
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def fsync_dir(path: str | Path) -> None:
