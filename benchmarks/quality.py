@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/quality.py` as well as `python -m benchmarks.quality`
     sys.path.insert(0, str(ROOT))
 
-from sgdata.errors import UserError  # noqa: E402
+from sgdata.format import UserError  # noqa: E402
 from sgdata.synth import PHRASE_TYPES, phrase_type  # noqa: E402
 from sgmodel.mask_runs import as_runs_list, score_maps  # noqa: E402
 from sgmodel.metrics import MetricAccumulator  # noqa: E402
@@ -165,7 +165,8 @@ def score_model(model: torch.nn.Module, loader, device: torch.device) -> dict[st
 def evaluate_quality(checkpoint: str | Path, shards: str, batch_size: int = 16, device: str = "cpu") -> dict[str, Any]:
     """Score a checkpoint on referring shards; the record quality.json holds."""
     from sgmodel.checkpoint import model_from_checkpoint
-    from sgmodel.data import check_eval_shards, eval_loader, expand_shards
+    from sgdata.format import expand_shards
+    from sgmodel.data import check_eval_shards, eval_loader
     from sgmodel.encoders import build_tokenizer
     from sgmodel.evaluate import pick_device
 
@@ -308,7 +309,7 @@ def overlay_grid(overlay_dir: Path, png: Path, count: int = 8) -> None:
     """The first `count` overlay PNGs of sgmodel.evaluate --save-overlays stacked into one image."""
     from PIL import Image
 
-    from sgdata.render import make_grid
+    from sgdata.format import make_grid
 
     tiles = [Image.open(p).convert("RGB") for p in sorted(overlay_dir.glob("*.png"))[:count]]
     if not tiles:

@@ -4,7 +4,7 @@
     summary = api.build_refcoco("data/refer", "data/coco/train2014", "refcoco", "unc", "shards/refcoco")
     problems = api.verify("shards/refcoco")
 
-Fatal input problems raise `sgdata.errors.UserError` (the CLI prints its one sentence, exit 2). So does a
+Fatal input problems raise `sgdata.format.errors.UserError` (the CLI prints its one sentence, exit 2). So does a
 build that yields no sample at all: refused before OUT is touched when the input holds nothing to build,
 or raised after the merge when every item was skipped, so that OUT/failures.jsonl lists why.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 
 
 def _split_list(splits: str | Sequence[str] | None) -> list[str] | None:

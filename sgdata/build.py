@@ -26,13 +26,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
+from sgdata.format.files import fsync_dir, is_temporary, write_json_atomic
 from sgdata.manifest import ROOT_FILES, SPLIT_FILES, merge
 from sgdata.runner import Runner, ShardProgress, make_runner
 from sgdata.sources.base import SampleSpec, SourcePlan
 from sgdata.writer import (
-    SHARD_RE, ShardTask, fsync_dir, is_temporary, part_path, shard_is_complete, shard_path, specs_digest,
-    write_json_atomic, write_shard,
+    SHARD_RE, ShardTask, part_path, shard_is_complete, shard_path, specs_digest, write_shard,
 )
 
 BUILD_RECORD = ".build.json"

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from sgdata import api
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 
 app = typer.Typer(
     name="sgdata", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,

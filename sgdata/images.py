@@ -14,7 +14,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sgdata.sources.base import SampleError, StoredImage
+from sgdata.format.errors import SampleError
+from sgdata.sources.base import StoredImage
 
 JPEG_QUALITY = 95
 

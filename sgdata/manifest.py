@@ -15,8 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+from sgdata.format.files import JSON_TEXT_ERRORS, atomic_write, temporary_name, write_json_atomic
 from sgdata.sources.base import Failure, SourcePlan
-from sgdata.writer import JSON_TEXT_ERRORS, part_path, shard_is_complete, temporary_name, write_json_atomic
+from sgdata.writer import part_path, shard_is_complete
 
 MANIFEST_COLUMNS = ("key", "shard", "source_id", "width", "height", "num_texts", "texts")
 SPLIT_FILES = ("manifest.parquet", "stats.json", "sizes.json", "index.wids.json")
@@ -119,11 +120,9 @@ def merge(out: Path, plan: SourcePlan, num_shards: dict[str, int], build_record:
         stats[split], sample_failures = write_split_outputs(out, split, num_shards[split], split_failures, run)
         failures += sample_failures
     failures.sort(key=failure_sort_key)
-    tmp = temporary_name(out / "failures.jsonl")
-    with open(tmp, "w", encoding="utf-8", errors=JSON_TEXT_ERRORS) as f:
+    with atomic_write(out / "failures.jsonl", "w", errors=JSON_TEXT_ERRORS) as f:
         for failure in failures:
             f.write(json.dumps(failure, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / "failures.jsonl")
 
     write_json_atomic(out / "dataset.json", {
         "format": FORMAT,

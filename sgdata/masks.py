@@ -1,31 +1,28 @@
-"""COCO run-length-encoded masks: the one mask format of the shards, the evaluator and the tools.
+"""Masks as the build makes them: COCO segmentations to RLE, resized and turned with their image.
 
-Everything goes through pycocotools so a mask written here decodes identically wherever the
-COCO tools are used. An RLE here is always the *compressed* form as JSON carries it:
-`{"size": [height, width], "counts": str}`. pycocotools trusts its input (no bounds checks in C),
-so what it would crash on or store broken is checked here first: RLE counts must describe exactly
-one mask of the image's size, and polygons far off the image are clipped before rasterising.
+The RLE format itself (encode, decode, checks) is part of the data contract, `sgdata.format.rle`.
+pycocotools trusts its input (no bounds checks in C), so what it would crash on or store broken is
+checked first: RLE counts must describe exactly one mask of the image's size (`check_rle`), and
+polygons far off the image are clipped before rasterising.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sgdata.format.errors import SegmentationError
+from sgdata.format.rle import check_rle, compressed, foreground_runs, mask_to_rle, rle_to_mask
+
 
 # pycocotools draws a polygon's outline at 5x resolution, one int pair per step (plus as much again to
 # fill it): outlines longer than this many steps are refused rather than allocated (about 270 MB).
 MAX_OUTLINE_STEPS = 1 << 24
-
-
-class SegmentationError(ValueError):
-    """A segmentation that yields no mask (no polygon part with 3 points, malformed RLE)."""
 
 
 def clean_polygons(seg: Any) -> list[list[float]]:
@@ -47,150 +44,6 @@ def clean_polygons(seg: Any) -> list[list[float]]:
         if len(coords) >= 6 and all(math.isfinite(v) for v in coords):
             parts.append(coords)
     return parts
-
-
-def _compressed(rle: dict) -> dict:
-    """pycocotools' RLE (counts as bytes) -> the JSON form (counts as str, size as a list)."""
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
-
-
-def _for_pycocotools(rle: dict) -> dict:
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
-
-
-def decode_counts_string(counts: str | bytes) -> list[int]:
-    """The run lengths of a compressed COCO counts string, read exactly as pycocotools' `rleFrString` reads it.
-
-    Each run is a little-endian sequence of 5-bit groups, one character (48 + value) per group,
-    0x20 meaning "more groups follow" and 0x10 in the last group the sign; from the fourth run on,
-    a run is stored as the difference to the run two places before. Read here in Python because
-    pycocotools' decoder does no bounds checks: counts that do not add up to the mask's size
-    would be written past its buffer. Raises SegmentationError for text that is not such a string.
-    """
-    if isinstance(counts, bytes):
-        try:
-            counts = counts.decode("ascii")
-        except UnicodeDecodeError:
-            raise SegmentationError("compressed RLE counts are not ASCII text") from None
-    runs: list[int] = []
-    value, shift = 0, 0
-    for char in counts:
-        group = ord(char) - 48
-        if not 0 <= group < 64:
-            raise SegmentationError(f"compressed RLE counts hold {char!r}, which is not a run-length character")
-        value |= (group & 0x1F) << shift
-        shift += 5
-        if group & 0x20:
-            if shift >= 60:  # pycocotools reads each run into a 64-bit integer: at most 12 groups
-                raise SegmentationError("compressed RLE counts hold a run that does not fit 64 bits")
-            continue
-        if group & 0x10:
-            value -= 1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-        value, shift = 0, 0
-    if shift:
-        raise SegmentationError("compressed RLE counts end in the middle of a run")
-    return runs
-
-
-# A compressed counts string stores each run in at most 12 five-bit groups (pycocotools reads it into a
-# 64-bit integer; decode_counts_string refuses longer ones the same way).
-MAX_GROUPS_PER_RUN = 12
-
-
-def decode_counts_together(strings: list[str | bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run lengths (int64) of several compressed COCO counts strings, in one vectorised pass.
-
-    Same reading as pycocotools' `rleFrString` and `decode_counts_string` (which goes one character at a
-    time in Python, with an error message naming the bad character; fine for checking a plan, too slow
-    for resizing masks in a build or scoring every phrase):
-    each run is little-endian 5-bit groups, one character (48 + group) each, 0x20 = more groups follow,
-    0x10 in the last group = negative; from the fourth run on, a run is stored as the difference to the
-    run two places before. The strings are decoded as one array (a per-string loop would cost more in
-    numpy call overhead than in work). Raises SegmentationError for text that is not such a string.
-    Returns the runs of all strings end to end (R,), the string (R,) and the run number in it (R,) of each.
-    """
-    raws = [s.encode("ascii") if isinstance(s, str) else bytes(s) for s in strings]
-    sizes = np.array([len(r) for r in raws], dtype=np.int64)  # (K,)
-    codes = np.frombuffer(b"".join(raws), dtype=np.uint8)  # (n,)
-    if codes.size == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    if codes.min() < 48 or codes.max() >= 48 + 64:
-        raise SegmentationError("compressed RLE counts hold a character that is not a run-length character")
-    digits = codes - 48  # (n,) uint8: a five-bit group, the sign bit 0x10 and the continuation bit 0x20
-    more = digits >= 0x20  # (n,) more groups of this run follow
-    if more[np.cumsum(sizes)[sizes > 0] - 1].any():
-        raise SegmentationError("compressed RLE counts end in the middle of a run")
-    last = np.flatnonzero(~more)  # (R,) index of each run's final group
-    first = np.append(0, last[:-1] + 1)  # (R,)
-    length = last - first + 1  # (R,) groups per run
-    if length.max() > MAX_GROUPS_PER_RUN:
-        raise SegmentationError("compressed RLE counts hold a run that does not fit 64 bits")
-    payload = (digits & 0x1F).astype(np.int64)  # (n,)
-    if length.max() == 1:  # common: every run in one character
-        values = payload
-    else:
-        place = np.arange(codes.size) - np.repeat(first, length)  # (n,) group index within its run
-        values = np.add.reduceat(payload << (5 * place), first)  # (R,)
-    negative = (digits[last] & 0x10) != 0  # (R,) sign bit of the last group: fill the bits above with ones
-    values[negative] -= np.left_shift(1, 5 * length[negative])
-    string = np.repeat(np.arange(len(raws)), sizes)[last]  # (R,) which string each run belongs to
-    runs_per_string = np.bincount(string, minlength=len(raws))  # (K,)
-    head = np.cumsum(runs_per_string) - runs_per_string  # (K,) first run of each string
-    index = np.arange(last.size) - head[string]  # (R,) run number in its string
-    # runs 3, 5, 7, ... add up from run 1; runs 4, 6, ... from run 2; run 0 stands alone. As running sums
-    # over all strings, less what the earlier strings contributed.
-    odd = (index & 1) == 1  # (R,)
-    chain = np.where(odd, 1, np.where(index > 0, 2, 0))  # (R,) 0: alone, 1: odd chain, 2: even chain
-    totals = [np.append(0, np.cumsum(np.where(chain == c, values, 0))) for c in (1, 2)]  # (R+1,) each
-    odd_sum = totals[0][1:] - totals[0][head][string]  # (R,)
-    even_sum = totals[1][1:] - totals[1][head][string]  # (R,)
-    return np.where(chain == 1, odd_sum, np.where(chain == 2, even_sum, values)), string, index
-
-
-def decode_counts(counts: str | bytes) -> np.ndarray:
-    """Run lengths (int64) of one compressed COCO counts string (see `decode_counts_together`)."""
-    return decode_counts_together([counts])[0]
-
-
-def _check_runs(runs: list, height: int, width: int) -> None:
-    """Run lengths that describe exactly one (height x width) mask: whole, non-negative, summing to its area."""
-    if not all(isinstance(run, numbers.Integral) and not isinstance(run, bool) for run in runs):
-        raise SegmentationError("RLE counts must be whole numbers")
-    if any(run < 0 for run in runs):
-        raise SegmentationError("RLE counts must not be negative")
-    if sum(runs) != height * width:
-        raise SegmentationError(f"RLE counts sum to {sum(runs)}, not height * width = {height * width}")
-
-
-def check_rle(seg: dict, height: int, width: int) -> None:
-    """Raise SegmentationError unless `seg` is an RLE (compressed or not) of exactly one (height x width) mask.
-
-    Cheap (no mask is decoded), so planning can check every RLE before any worker stores one.
-    """
-    if "counts" not in seg or "size" not in seg:
-        raise SegmentationError("RLE segmentation lacks 'counts' or 'size'")
-    try:
-        size = [int(seg["size"][0]), int(seg["size"][1])]
-    except (TypeError, ValueError, OverflowError, IndexError, KeyError) as exc:
-        raise SegmentationError(f"RLE segmentation has a malformed size {repr(seg['size'])[:40]}") from exc
-    if size != [height, width]:
-        raise SegmentationError(f"RLE segmentation size {size} differs from the image's {[height, width]}")
-    counts = seg["counts"]
-    if isinstance(counts, list):
-        _check_runs(counts, height, width)
-    elif isinstance(counts, (str, bytes)):
-        _check_runs(decode_counts_string(counts), height, width)
-    else:
-        raise SegmentationError(f"RLE counts of type {type(counts).__name__} are not understood")
 
 
 def _clip_polygon(coords: list[float], x0: float, y0: float, x1: float, y1: float) -> list[float]:
@@ -269,8 +122,8 @@ def segmentation_to_rle(seg: Any, height: int, width: int) -> dict:
         counts = seg["counts"]
         if isinstance(counts, list):  # uncompressed (crowd annotations): column-major run lengths
             uncompressed = {"size": [height, width], "counts": [int(c) for c in counts]}
-            return _compressed(mask_utils.frPyObjects(uncompressed, height, width))
-        return _compressed({"size": [height, width], "counts": counts})
+            return compressed(mask_utils.frPyObjects(uncompressed, height, width))
+        return compressed({"size": [height, width], "counts": counts})
     polygons = clean_polygons(seg)
     if not polygons:
         raise SegmentationError("no polygon part has 3 or more points")
@@ -278,18 +131,7 @@ def segmentation_to_rle(seg: Any, height: int, width: int) -> dict:
     if not polygons:  # every part lies far outside the image: it covers none of it
         return mask_to_rle(np.zeros((height, width), dtype=bool))
     rles = mask_utils.frPyObjects(polygons, height, width)
-    return _compressed(mask_utils.merge(rles))
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """Compressed RLE -> bool mask (H, W)."""
-    return mask_utils.decode(_for_pycocotools(rle)).astype(bool)  # (H, W)
-
-
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """Bool/0-1 mask (H, W) -> compressed RLE."""
-    fortran = np.asfortranarray(np.asarray(mask, dtype=np.uint8))  # (H, W), column-major as RLE runs
-    return _compressed(mask_utils.encode(fortran))
+    return compressed(mask_utils.merge(rles))
 
 
 def _as_image(rle: dict) -> Image.Image:
@@ -311,23 +153,6 @@ def nearest_indices(source: int, target: int) -> np.ndarray:
     return np.asarray(numbers.resize((target, 1), Image.Resampling.NEAREST), dtype=np.int64)[0]  # (target,)
 
 
-def _foreground_runs(rles: list[dict], area: int) -> tuple[np.ndarray, np.ndarray]:
-    """[starts, ends) of the foreground runs of masks of `area` pixels each, decoded together.
-
-    Positions are column-major (x * H + y) and run on from one mask into the next (mask k starts at
-    k * area), so K masks of W columns read as one mask of K * W columns.
-    """
-    strings = [_compressed(mask_utils.frPyObjects(rle, *rle["size"]))["counts"] if isinstance(rle["counts"], list)
-               else rle["counts"] for rle in rles]  # uncompressed counts (crowd annotations): compressed first
-    lengths, mask, index = decode_counts_together(strings)  # (L,) each
-    totals = np.bincount(mask, weights=lengths, minlength=len(rles))  # (K,)
-    if lengths.size and (lengths.min() < 0 or (totals != area).any()):
-        raise SegmentationError(f"RLE counts must be non-negative and sum to height * width = {area}")
-    bounds = np.cumsum(lengths)  # (L,) end of each run
-    foreground = (index % 2 == 1) & (lengths > 0)  # odd runs; zero-length ones carry nothing
-    return bounds[foreground] - lengths[foreground], bounds[foreground]  # (R,) each
-
-
 def _rles_from_runs(starts: np.ndarray, ends: np.ndarray, count: int, height: int, width: int) -> list[dict]:
     """Sorted, disjoint, non-empty runs of `count` masks laid end to end -> one compressed RLE per mask.
 
@@ -345,7 +170,7 @@ def _rles_from_runs(starts: np.ndarray, ends: np.ndarray, count: int, height: in
         if counts.size > 1 and counts[-1] == 0:
             counts = counts[:-1]
         uncompressed.append({"size": [height, width], "counts": counts.tolist()})
-    return [_compressed(rle) for rle in mask_utils.frPyObjects(uncompressed, height, width)] if uncompressed else []
+    return [compressed(rle) for rle in mask_utils.frPyObjects(uncompressed, height, width)] if uncompressed else []
 
 
 def resize_rles(rles: list[dict], height: int, width: int) -> list[dict]:
@@ -364,8 +189,11 @@ def resize_rles(rles: list[dict], height: int, width: int) -> list[dict]:
     if any([int(r["size"][0]), int(r["size"][1])] != [source_height, source_width] for r in rles):
         raise ValueError("resize_rles takes masks of one size; resize the others in their own call")
     if (source_height, source_width) == (height, width):
-        return [_compressed(rle) for rle in rles]
-    starts, ends = _foreground_runs(rles, source_height * source_width)  # (R,) each
+        return [compressed(rle) for rle in rles]
+    area = source_height * source_width
+    starts, ends, which = foreground_runs(rles)  # (R,) each, positions within each mask
+    # mask k's positions shifted by k * area: K masks of W columns read as one mask of K * W columns
+    starts, ends = starts + which * area, ends + which * area
     first_column, last_column = starts // source_height, (ends - 1) // source_height  # (R,) over all masks
     pieces_per_run = last_column - first_column + 1  # (R,)
     run = np.repeat(np.arange(starts.size), pieces_per_run)  # (P,) the run each piece comes from

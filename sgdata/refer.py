@@ -13,7 +13,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 
 
 class _GlobalRequested(pickle.UnpicklingError):

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import colorsys
 import io
 import json
-import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
+from sgdata.format.files import write_bytes_atomic
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 COLOURS = {  # saturated, far apart in hue, so that muted backgrounds never match them
@@ -341,12 +341,6 @@ def _sentence(sent_id: int, text: str) -> dict:
     return {"sent_id": sent_id, "raw": text, "sent": " ".join(sent.split()), "tokens": sent.split()}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def generate_refer_dataset(out: str | Path, *, images: int = 1200, seed: int = 0, name: str = "synthref",
                            width: int = 320, height: int = 240, progress: bool = True) -> Path:
     """Write `out/<name>/instances.json`, `out/<name>/refs(unc).p` and `out/images/*.jpg`; return `out`.
@@ -380,7 +374,7 @@ def generate_refer_dataset(out: str | Path, *, images: int = 1200, seed: int = 0
         wanted.add(file_name)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        _write_atomic(images_dir / file_name, buffer.getvalue())
+        write_bytes_atomic(images_dir / file_name, buffer.getvalue())
         coco_images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for obj in objects:
             ann_id += 1
@@ -408,6 +402,6 @@ def generate_refer_dataset(out: str | Path, *, images: int = 1200, seed: int = 0
         "images": coco_images, "annotations": annotations,
         "categories": [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)],
     }
-    _write_atomic(data_dir / "refs(unc).p", pickle.dumps(refs, protocol=2))
-    _write_atomic(data_dir / "instances.json", json.dumps(instances, separators=(",", ":")).encode("utf-8"))
+    write_bytes_atomic(data_dir / "refs(unc).p", pickle.dumps(refs, protocol=2))
+    write_bytes_atomic(data_dir / "instances.json", json.dumps(instances, separators=(",", ":")).encode("utf-8"))
     return out

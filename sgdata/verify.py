@@ -14,9 +14,10 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-from sgdata.errors import UserError
-from sgdata.inspect import iter_tar_samples
-from sgdata.writer import SHARD_RE, is_temporary, part_path, shard_name
+from sgdata.format.errors import UserError
+from sgdata.format.files import is_temporary
+from sgdata.format.shards import iter_tar_samples
+from sgdata.writer import SHARD_RE, part_path, shard_name
 
 
 def _sha256(path: Path) -> str:

@@ -29,16 +29,17 @@ import io
 import json
 import os
 import re
-import socket
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sgdata.sources.base import Failure, Finalized, SampleError, SampleSpec
+from sgdata.format.errors import SampleError
+from sgdata.format.files import temporary_name, write_json_atomic
+from sgdata.format.shards import is_valid_key
+from sgdata.sources.base import Failure, Finalized, SampleSpec
 
-TMP_MARK = ".tmp-"  # temporaries are hidden files named `.<final name>.tmp-<host>-<pid>`
 SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
 
 
@@ -70,10 +71,6 @@ def part_path(out_dir: str | Path, split: str, index: int) -> Path:
     return Path(out_dir) / split / "parts" / f"{split}-{index:06d}.json"
 
 
-def is_temporary(name: str) -> bool:
-    return name.startswith(".") and TMP_MARK in name
-
-
 def specs_digest(specs: list[SampleSpec]) -> str:
     """A fingerprint of what a shard was planned to hold; resume redoes a shard whose plan changed."""
     h = hashlib.sha256()
@@ -97,25 +94,6 @@ def shard_is_complete(out_dir: str | Path, split: str, index: int, digest: str |
     return digest is None or record.get("specs_digest") == digest
 
 
-def temporary_name(final: Path) -> Path:
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
-    return final.with_name(f".{final.name}{TMP_MARK}{host}-{os.getpid()}")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (shared with sgmodel's checkpoints)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 class _HashingFile:
     """A write-only file wrapper that hashes and counts what goes through it (one pass over the bytes)."""
 
@@ -134,23 +112,6 @@ class _HashingFile:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-# How index files write text with lone surrogates (a file name that is not UTF-8, as Python's os
-# functions give it): as the JSON escape "\\udcxx", so a failure naming such a file is still written.
-JSON_TEXT_ERRORS = "backslashreplace"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    with open(tmp, "w", encoding="utf-8", errors=JSON_TEXT_ERRORS) as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -236,7 +197,7 @@ def write_shard(
             # one read and one write per member (the default copies in 16 KiB chunks: 10x the calls)
             tar = tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFFER_BYTES)
             for spec in task.specs:
-                assert "." not in spec.key, f"sample key {spec.key!r} contains a dot"
+                assert is_valid_key(spec.key), f"sample key {spec.key!r} is empty or contains a dot"
                 try:
                     fin = make_sample(task.kind, spec, task.options)
                 except SampleError as e:

@@ -2,15 +2,14 @@
 
 A checkpoint is one file holding the resolved config, the step and data epoch, model, optimizer and
 scheduler state, every RNG state (python, numpy, torch, CUDA), the feature statistics and the sgmodel
-version. It is written under `<name>.tmp` in the same folder, fsynced and renamed over `<name>`
-(os.replace is atomic on POSIX), so readers — and a resumed run — see either the previous complete
-file or the new complete file, never a torn one. It is read with `weights_only=True`: a checkpoint
+version. It is written through sgdata.format's atomic write (a hidden per-process temporary in the
+same folder, fsynced and renamed over `<name>`, then the folder fsynced), so readers — and a resumed
+run — see either the previous complete file or the new complete file, never a torn one. It is read with `weights_only=True`: a checkpoint
 from elsewhere cannot run code when loaded.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,7 @@ import numpy as np
 import torch
 
 import sgmodel
-from sgdata.errors import UserError
-from sgdata.writer import fsync_dir
+from sgdata.format import UserError, atomic_write, remove_temporaries
 from sgmodel.config import Config, from_dict, to_dict
 
 FORMAT = "sgmodel-checkpoint/1"
@@ -70,7 +68,7 @@ def save_checkpoint(
     feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint atomically: `<path>.tmp` + fsync + rename; the old file survives any failure."""
+    """Write the checkpoint atomically (see `atomic_torch_save`); the old file survives any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -86,29 +84,17 @@ def save_checkpoint(
         "feature_stats": None if feature_stats is None else {"mean": feature_stats[0].cpu(), "std": feature_stats[1].cpu()},
         "extra": extra or {},
     }
+    remove_temporaries(path)  # what a killed save left: one writer (rank 0), so none is in progress
     atomic_torch_save(state, path)
     return path
 
 
-def atomic_torch_save(obj: Any, path: Path, shared: bool = False) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a reader (or a crash
-    half-way) sees the old file or the new one, never a torn one.
-
-    A file with one writer (the checkpoint: rank 0) uses one fixed temporary name, so the next save
-    replaces what a killed write left behind; `shared` files (the feature cache, which separate runs
-    may fill at once) get a per-process temporary name instead, so concurrent writers never mix bytes.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if shared else f"{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through sgdata.format.atomic_write: a reader (or a crash half-way) sees the old file or
+    the new one, never a torn one; writers in separate processes (runs filling one feature cache) never
+    mix bytes, as each writes its own temporary."""
+    with atomic_write(path, "wb", durable=True) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

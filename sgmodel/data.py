@@ -17,13 +17,11 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import multiprocessing as mp
 import os
 import random
-import re
 import tarfile
 import warnings
 import zlib
@@ -34,83 +32,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from sgdata.errors import UserError
-from sgdata.images import decode_rgb
-
-_WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
-
+from sgdata.format import UserError, decode_rgb, parse_mixture, sample_texts
 
 # ---- shard lists ---------------------------------------------------------------------------------
-
-
-def _split_top_level(spec: str) -> list[str]:
-    """Split on commas that are not inside a {brace,pattern}."""
-    parts, depth, current = [], 0, []
-    for ch in spec:
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth = max(0, depth - 1)
-        if ch == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _expand_one(part: str) -> list[str]:
-    path = Path(part).expanduser()
-    if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*.tar") if p.is_file())
-    if any(ch in part for ch in "*?["):
-        return sorted(p for p in glob.glob(str(path), recursive=True) if p.endswith(".tar") and os.path.isfile(p))
-    names = list(braceexpand(str(path))) if "{" in part else [str(path)]
-    missing = [n for n in names if not os.path.isfile(n)]
-    if missing:
-        raise UserError(f"shard {missing[0]} does not exist" + (f" (and {len(missing) - 1} more of {part!r})" if len(missing) > 1 else ""))
-    return names
-
-
-def expand_shards(spec: str) -> list[str]:
-    """A shard spec -> the list of local .tar paths it names, in a stable order.
-
-    A spec is one or more comma-separated parts; each part is a directory (every .tar below it,
-    sorted), a glob (`shards/train-*.tar`), a brace pattern (`train-{000000..000009}.tar`) or a file.
-    """
-    urls: list[str] = []
-    for part in _split_top_level(spec or ""):
-        urls.extend(_expand_one(part))
-    urls = list(dict.fromkeys(urls))  # a shard named twice is read once
-    if not urls:
-        raise UserError(f"no shards match {spec!r}; give a directory, a glob, a brace pattern or a comma-separated list of .tar files")
-    return urls
-
-
-def parse_mixture(spec: str) -> list[tuple[list[str], float]]:
-    """`--train-shards` -> [(shard urls, weight)].
-
-    Without weights the whole spec is one shard set. A mixture gives every set a weight after a
-    colon, e.g. `shards/refcoco/train:0.5,shards/captions/train:0.5`: each step's images are drawn
-    from set i with probability weight_i / sum(weights).
-    """
-    parts = _split_top_level(spec or "")
-    weighted = [_WEIGHT.match(p) for p in parts]
-    if not any(weighted):
-        return [(expand_shards(spec), 1.0)]
-    if not all(weighted):
-        bare = parts[weighted.index(None)]
-        raise UserError(f"in a shard mixture every part needs a weight (e.g. {bare}:0.5); {bare!r} has none")
-    mixture = [(expand_shards(m["spec"]), float(m["weight"])) for m in weighted]
-    if sum(w for _, w in mixture) <= 0:
-        raise UserError(f"the weights of shard mixture {spec!r} sum to zero")
-    return mixture
 
 
 def _sizes_index(folder: str) -> dict[str, int]:
@@ -154,18 +82,6 @@ def count_samples(urls: list[str]) -> int:
 
 
 # ---- one sample ----------------------------------------------------------------------------------
-
-
-def sample_texts(sample_json: dict) -> list[str]:
-    """The training phrases of one sample: a referring sample's sentences or a caption sample's captions.
-
-    Blank and repeated phrases are dropped (a repeat would only be a second positive of the same pair).
-    """
-    if "refs" in sample_json:
-        texts = [s.get("text", "") for r in sample_json["refs"] for s in r.get("sentences", [])]
-    else:
-        texts = list(sample_json.get("captions", []))
-    return list(dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip()))
 
 
 def eval_phrases(sample_json: dict) -> list[tuple[str, dict]]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel.config import Config
 from sgmodel.shatter import sine_position_encoding
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel.config import Config
 
 EXTRA_HINT = "pip install -e .[demo]"

@@ -11,8 +11,6 @@ given checkpoint, it does not select one.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sgdata.errors import UserError
+from sgdata.format import UserError, expand_shards, rle_to_mask, write_json_atomic
+from sgdata.format.drawing import caption_tile, color_for, make_grid, overlay_mask
 from sgmodel.checkpoint import model_from_checkpoint
-from sgmodel.data import check_eval_shards, eval_loader, expand_shards
+from sgmodel.data import check_eval_shards, eval_loader
 
 
 def pick_device(name: str) -> torch.device:
@@ -37,26 +36,16 @@ def pick_device(name: str) -> torch.device:
 
 def overlay_figure(image: Image.Image, predicted: np.ndarray, text: str, truth: np.ndarray | None = None, tile_width: int = 256) -> Image.Image:
     """image | predicted mask overlay | ground-truth overlay (when given), the phrase under each panel."""
-    from sgdata.render import caption_tile, color_for, make_grid, overlay_mask
-
     panels = [caption_tile(image, [text], width=tile_width), caption_tile(overlay_mask(image, predicted, color_for(0)), [("predicted", color_for(0))], width=tile_width)]
     if truth is not None:
         panels.append(caption_tile(overlay_mask(image, truth, color_for(2)), [("ground truth", color_for(2))], width=tile_width))
     return make_grid(panels, cols=len(panels))
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0, device: str = "auto",
              overlays: int = 0, overlay_dir: Path | None = None) -> dict[str, Any]:
     """Score every phrase of `shards`; return the metrics.json record (and write up to `overlays` PNGs)."""
-    from sgdata.masks import rle_to_mask
     from sgmodel.encoders import build_tokenizer
     from sgmodel.inference import predict_masks
     from sgmodel.metrics import MetricAccumulator

@@ -35,10 +35,10 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from sgdata.errors import UserError
+from sgdata.format import UserError, sample_texts
 from sgmodel import distributed as dist
 from sgmodel.checkpoint import atomic_torch_save
-from sgmodel.data import count_samples, decode_image, sample_texts
+from sgmodel.data import count_samples, decode_image
 
 FORMAT = "sgmodel-features/1"
 FP16_MAX = 65504.0
@@ -266,7 +266,7 @@ def ensure_feature_cache(model: Any, cfg: Any, urls: list[str], device: torch.de
                 data = build_image_features(model.image_encoder, url, tuple(cfg.image_size), cfg.batch_size, device, model.image_encoder.identity(), bar)
             else:
                 data = build_text_features(model.text_encoder, tokenizer, url, cfg.max_text_length, cfg.batch_size, device, model.text_encoder.identity())
-            atomic_torch_save(data, path, shared=True)
+            atomic_torch_save(data, path)
         bar.close()
     dist.barrier()
     absent = [str(p) for _, _, p in jobs if not p.exists()]

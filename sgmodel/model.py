@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel import distributed
 from sgmodel.config import Config
 from sgmodel.decoder import SpatialBroadcastDecoder

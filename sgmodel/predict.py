@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from sgdata.errors import UserError
+from sgdata.format.drawing import caption_tile, color_for, overlay_mask
+from sgdata.format.errors import UserError
 from sgmodel.segment import IMAGE_SUFFIXES, Segmenter, clean_phrases, mask_image, read_image
 
 
@@ -33,8 +34,6 @@ def predict(checkpoint: str, image_path: str, texts: list[str], device: str = "a
 
 def overlay_all(image: Image.Image, masks: list[np.ndarray], texts: list[str]) -> Image.Image:
     """Every phrase's mask tinted in its own colour, the phrases listed beneath in those colours."""
-    from sgdata.render import caption_tile, color_for, overlay_mask
-
     tinted = image
     for i, mask in enumerate(masks):
         tinted = overlay_mask(tinted, mask, color_for(i), alpha=0.45)

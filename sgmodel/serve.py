@@ -17,8 +17,12 @@ no phrase, a picture over MAX_PIXELS) comes back as a message on the page. The s
 from __future__ import annotations
 
 import html
+import json
 import os
+import pickle
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from sgdata.errors import UserError
+from sgdata.format import UserError, write_text_atomic
 from sgmodel.segment import Segmentation, Segmenter, mask_image, read_image
 
 MAX_PIXELS = 40_000_000  # masks are made at the picture's size: larger uploads are refused, not resized
@@ -41,26 +46,31 @@ KEPT_ANSWERS = 64  # answer folders (mask PNGs) kept for download; older ones ar
 
 
 def make_examples(folder: Path, count: int = EXAMPLE_COUNT) -> list[tuple[str, str]]:
-    """(PNG path, two phrases) for the first `count` scenes of the synthetic set with seed EXAMPLE_SEED.
+    """(JPEG path, two phrases) for the first `count` scenes of the synthetic set with seed EXAMPLE_SEED.
 
-    The pictures are the synthetic generator's own (the same draws as `sgdata synth`), written once
-    as PNG; each comes with the first phrase of its first two objects.
+    The pictures are written by `sgdata synth` itself (run as a command: sgmodel imports nothing of
+    sgdata but its data contract, see docs/architecture.md), once, into `folder`; each comes with the
+    first phrase of its first two objects, read from the refer-layout files the command writes.
     """
-    from sgdata.synth import make_scene, render_scene
-
     folder.mkdir(parents=True, exist_ok=True)
-    examples = []
-    for image_id in range(1, count + 1):
-        rng = np.random.default_rng([EXAMPLE_SEED, image_id])
-        objects = make_scene(rng, 320, 240)
-        pixels = render_scene(rng, objects, 320, 240)
-        path = folder / f"synthetic-{EXAMPLE_SEED}-{image_id}.png"
-        if not path.is_file():
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            Image.fromarray(pixels).save(tmp, format="PNG")
-            os.replace(tmp, path)
-        examples.append((str(path), "\n".join(obj.phrases[0][0] for obj in objects[:2])))
-    return examples
+    listing = folder / f"synthetic-{EXAMPLE_SEED}-{count}.json"
+    if not listing.is_file() or not all(Path(path).is_file() for path, _ in json.loads(listing.read_text())):
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            made = subprocess.run([sys.executable, "-m", "sgdata", "synth", scratch, "--images", str(count),
+                                   "--seed", str(EXAMPLE_SEED)], capture_output=True, text=True)
+            if made.returncode != 0:
+                raise UserError(f"the example scenes could not be drawn: {made.stderr.strip().splitlines()[-1:]}")
+            refs = pickle.loads((Path(scratch) / "synthref" / "refs(unc).p").read_bytes())  # the refer layout
+            phrases: dict[int, list[str]] = {}
+            for ref in sorted(refs, key=lambda r: r["ann_id"]):  # objects in the order they were drawn
+                phrases.setdefault(ref["image_id"], []).append(ref["sentences"][0]["raw"])
+            examples = []
+            for image_id in range(1, count + 1):
+                path = folder / f"synthetic-{EXAMPLE_SEED}-{image_id}.jpg"
+                os.replace(Path(scratch) / "images" / f"synthref_{image_id:06d}.jpg", path)
+                examples.append((str(path), "\n".join(phrases[image_id][:2])))
+        write_text_atomic(listing, json.dumps(examples))
+    return [(path, text) for path, text in json.loads(listing.read_text())]
 
 
 def parse_phrases(text: str | None) -> list[str]:
@@ -79,10 +89,21 @@ def _display(image: Image.Image) -> Image.Image:
 
 def phrase_overlays(image: Image.Image, result: Segmentation) -> list[tuple[Image.Image, str]]:
     """Per phrase: the picture with its mask tinted, captioned with the phrase and the share it covers."""
-    from sgdata.render import color_for, overlay_mask
+    from sgdata.format.drawing import color_for, overlay_mask
 
     return [(_display(overlay_mask(image, mask, color_for(i), alpha=0.5)), f"{text} ({mask.mean():.1%} of the image)")
             for i, (text, mask) in enumerate(zip(result.texts, result.masks))]
+
+
+def _unit_range(maps: torch.Tensor) -> torch.Tensor:
+    """Each map of (K, h, w) stretched to [0, 1] for colouring; a flat map is all zeros.
+
+    Only for the heat maps' colours: the masks come from inference's cut, which never normalises.
+    """
+    flat = maps.float().flatten(1)  # (K, h*w)
+    low, high = torch.aminmax(flat, dim=1, keepdim=True)  # (K, 1) each
+    span = high - low
+    return torch.where(span > 0, (flat - low) / span.clamp(min=torch.finfo(flat.dtype).tiny), 0.0).view_as(maps)
 
 
 def slot_tiles(image: Image.Image, result: Segmentation) -> list[tuple[Image.Image, str]]:
@@ -90,11 +111,11 @@ def slot_tiles(image: Image.Image, result: Segmentation) -> list[tuple[Image.Ima
     the gather weight every phrase gave it."""
     import matplotlib
 
-    from sgmodel.inference import normalize_maps, upsample_group
+    from sgmodel.inference import upsample_group
 
     height = max(1, round(SLOT_TILE_WIDTH * image.height / image.width))
     base = np.asarray(image.resize((SLOT_TILE_WIDTH, height), Image.Resampling.BILINEAR), dtype=np.float32)  # (h, w, 3)
-    heat = normalize_maps(upsample_group(result.slot_maps, (height, SLOT_TILE_WIDTH))).numpy()  # (K, h, w) in [0, 1]
+    heat = _unit_range(upsample_group(result.slot_maps, (height, SLOT_TILE_WIDTH))).numpy()  # (K, h, w) in [0, 1]
     colours = matplotlib.colormaps["magma"](heat)[..., :3] * 255  # (K, h, w, 3)
     order = result.weights.max(dim=0).values.argsort(descending=True).tolist()  # slots by their largest weight
     tiles = []

@@ -25,11 +25,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from sgdata.errors import UserError
+from sgdata.format import UserError, parse_mixture, write_text_atomic
 from sgmodel import distributed as dist
 from sgmodel.checkpoint import CHECKPOINT_NAME, config_from_checkpoint, load_checkpoint, load_model_state, restore_rng_states, rng_states, save_checkpoint, unwrap
 from sgmodel.config import Config, coerce, describe_fields, load_config, parse_overrides, write_config
-from sgmodel.data import parse_mixture, train_data
+from sgmodel.data import train_data
 
 # Fields that describe the run rather than the model or the optimisation: --resume may change them.
 RUN_FIELDS = {"out", "max_steps", "epochs", "checkpoint_every", "log_every", "workers", "train_shards", "feature_cache", "nan_policy",
@@ -136,9 +136,7 @@ class RunLog:
         self.path = out / "log.jsonl"
         if start_step > 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
-            tmp = self.path.with_name("log.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a", buffering=1)

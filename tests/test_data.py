@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgdata.errors import UserError
-from sgdata.masks import rle_to_mask
+from sgdata.format import UserError, expand_shards, parse_mixture, rle_to_mask, sample_texts
 from sgmodel.data import (
     count_samples,
     eval_loader,
     check_eval_shards,
-    expand_shards,
-    parse_mixture,
-    sample_texts,
     train_data,
     worker_skip,
 )

@@ -15,7 +15,7 @@ from sgmodel import evaluate as evaluate_module
 from sgmodel import predict as predict_module
 from sgmodel.data import eval_phrases
 from sgmodel.train import main as train_main
-from sgdata.masks import rle_to_mask
+from sgdata.format import rle_to_mask
 from test_train_fixtures import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sgmodel.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from sgmodel.data import decode_image, expand_shards, train_data
+from sgdata.format import expand_shards
+from sgmodel.data import decode_image, train_data
 from sgmodel.encoders import build_tokenizer
 from sgmodel.features import ensure_feature_cache
 from sgmodel.model import ShatterAndGather

@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from sgdata.masks import SegmentationError, decode_counts, decode_counts_string, mask_to_rle
+from oracles import decode_counts_string, dense_from_runs, per_pixel_scores
+
+from sgdata.format import SegmentationError, decode_counts, mask_to_rle
 from sgmodel import mask_runs
-from sgmodel.inference import _interpolation_matrix
-from sgmodel.mask_runs import (MaskRuns, as_runs_list, dense_mask, runs_from_dense, runs_from_rle,
-                               runs_from_rles, score_maps, score_runs, upsampling_axis)
+from sgmodel.inference import sample_positions, upsample_group, upsampling_axis
+from sgmodel.mask_runs import MaskRuns, as_runs_list, runs_from_dense, runs_from_rles, score_maps
 
 MASK_SIZES = [(427, 640), (375, 500), (1, 7), (7, 1), (33, 17), (1, 1), (10, 9)]
 
@@ -34,6 +36,16 @@ def random_mask(rng: np.random.Generator, height: int, width: int, kind: str) ->
         y, x = rng.integers(-height // 4, height), rng.integers(-width // 4, width)
         mask[max(y, 0) : y + rng.integers(1, height + 1), max(x, 0) : x + rng.integers(1, width + 1)] = True
     return mask ^ (rng.random((height, width)) < 0.02)
+
+
+def runs_from_rle(rle: dict) -> MaskRuns:
+    return runs_from_rles([rle])[0]
+
+
+def score_runs(grid: np.ndarray, runs: MaskRuns, threshold: float = 0.5) -> tuple[int, int, bool]:
+    """(intersection, union, hit) of one grid (h, w) against one mask, through score_maps."""
+    intersection, union, hit = score_maps(np.asarray(grid)[None], [runs], threshold)
+    return int(intersection[0]), int(union[0]), bool(hit[0])
 
 
 def pycocotools_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +81,7 @@ def test_many_strings_decode_together_as_one_by_one():
     for mask, rle, runs in zip(masks, rles, together):
         alone = runs_from_rle(rle)
         assert np.array_equal(runs.starts, alone.starts) and np.array_equal(runs.ends, alone.ends)
-        assert np.array_equal(dense_mask(runs), mask)  # and back to pixels
+        assert np.array_equal(dense_from_runs(runs.starts, runs.ends, *runs.shape), mask)  # and back to pixels
 
 
 def test_dense_masks_give_the_same_runs_even_with_255_for_true():
@@ -107,27 +119,19 @@ def test_malformed_counts_are_refused(counts, message):
 
 
 @pytest.mark.parametrize("out_size, in_size", [(640, 24), (427, 24), (24, 24), (7, 24), (1, 12), (33, 16)])
-def test_sample_positions_are_those_of_the_interpolation_matrix(out_size, in_size):
+def test_the_sample_positions_are_bilinear_resizing(out_size, in_size):
+    """Both forms of the rule sample where F.interpolate(bilinear, align_corners=False) does."""
+    grid = torch.rand(1, in_size, 5, dtype=torch.float64)
+    expected = F.interpolate(grid[None], size=(out_size, 5), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(upsample_group(grid, (out_size, 5)).double(), expected, atol=1e-5)
+    low, high, frac = sample_positions(out_size, in_size)
+    lines = grid[0].numpy().T  # (5, in) five lines to sample
+    assert np.allclose(lines[:, low] + frac * (lines[:, high] - lines[:, low]), expected[0].numpy().T, atol=1e-9)
     axis = upsampling_axis(out_size, in_size)
-    matrix = np.zeros((out_size, in_size))
-    np.add.at(matrix, (np.arange(out_size), axis.low), 1 - axis.frac)
-    np.add.at(matrix, (np.arange(out_size), axis.high), axis.frac)
-    assert np.allclose(matrix, _interpolation_matrix(out_size, in_size).double().numpy(), atol=1e-6)
+    assert np.array_equal(axis.low, low) and np.array_equal(axis.frac, frac)
 
 
 # ---- scoring against a per-pixel reference --------------------------------------------------------
-
-
-def per_pixel(grid: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> tuple[int, int, bool]:
-    """The definition, pixel by pixel: bilinear upsampling by the inference matrices (float64),
-    threshold_maps' rule (> min + t (max - min); flat: nothing), IoU counts, first argmax in the mask."""
-    height, width = mask.shape
-    rows = _interpolation_matrix(height, grid.shape[0]).double().numpy()  # (H, h)
-    cols = _interpolation_matrix(width, grid.shape[1]).double().numpy()  # (W, w)
-    response = rows @ grid.astype(np.float64) @ cols.T  # (H, W)
-    low, high = response.min(), response.max()
-    pred = response > low + threshold * (high - low) if high > low else np.zeros_like(mask)
-    return int((pred & mask).sum()), int((pred | mask).sum()), bool(mask.flat[np.argmax(response)])
 
 
 def random_grid(rng: np.random.Generator, shape: tuple[int, int], kind: str) -> np.ndarray:
@@ -149,7 +153,7 @@ def test_scores_equal_the_per_pixel_definition(grid_shape):
             grid, mask = random_grid(rng, grid_shape, kind), random_mask(rng, *size, mask_kind)
             grids.append(grid)
             masks.append(mask)
-            expected.append(per_pixel(grid, mask))
+            expected.append(per_pixel_scores(grid, mask))
     intersection, union, hit = score_maps(np.stack(grids), as_runs_list([mask_to_rle(m) for m in masks]))
     for i, (inter, uni, peak_hit) in enumerate(expected):
         assert abs(intersection[i] - inter) <= 2 and abs(union[i] - uni) <= 2, (i, masks[i].shape)
@@ -163,7 +167,7 @@ def test_other_thresholds_and_hand_counted_case():
     mask = np.zeros((4, 4), dtype=bool)
     mask[0, 2:] = True
     for threshold in (0.2, 0.5, 0.8):
-        assert score_runs(grid, runs_from_dense(mask), threshold) == per_pixel(grid, mask, threshold)
+        assert score_runs(grid, runs_from_dense(mask), threshold) == per_pixel_scores(grid, mask, threshold)
     # response = top-row weight (1, .75, .25, 0 by row) x right-column weight (0, .25, .75, 1 by column):
     # above 0.5 at (0,2) .75, (0,3) 1, (1,2) .5625, (1,3) .75; the peak (0,3) is in the mask
     assert score_runs(grid, runs_from_dense(mask)) == (2, 4, True)
@@ -185,7 +189,7 @@ def test_empty_masks_count_the_prediction_as_the_union():
     empty = np.zeros((375, 500), dtype=bool)
     inter, union, hit = score_runs(grid, runs_from_rle(mask_to_rle(empty)))
     assert inter == 0 and not hit
-    assert abs(union - per_pixel(grid, empty)[1]) <= 2 and union > 0
+    assert abs(union - per_pixel_scores(grid, empty)[1]) <= 2 and union > 0
 
 
 def test_batches_score_as_phrases_one_by_one_in_any_chunking(monkeypatch):

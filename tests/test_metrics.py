@@ -5,47 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import per_pixel_scores
 
 from sgmodel.metrics import PRECISION_THRESHOLDS, MetricAccumulator
 
 
-def bilinear_resize(grid: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Half-pixel-centre bilinear resize, written out (source coordinates clamped at the borders)."""
-    h, w = grid.shape
-    out = np.zeros((height, width))
-    for y in range(height):
-        sy = max((y + 0.5) * h / height - 0.5, 0.0)
-        y0 = min(int(np.floor(sy)), h - 1)
-        y1 = min(y0 + 1, h - 1)
-        fy = sy - y0
-        for x in range(width):
-            sx = max((x + 0.5) * w / width - 0.5, 0.0)
-            x0 = min(int(np.floor(sx)), w - 1)
-            x1 = min(x0 + 1, w - 1)
-            fx = sx - x0
-            top = grid[y0, x0] * (1 - fx) + grid[y0, x1] * fx
-            bottom = grid[y1, x0] * (1 - fx) + grid[y1, x1] * fx
-            out[y, x] = top * (1 - fy) + bottom * fy
-    return out
-
-
 def reference_metrics(maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
-    """One phrase at a time: resize, min-max, threshold 0.5, IoU, argmax inside the mask."""
-    ious, hits, inters, unions = [], [], [], []
-    for grid, gt in zip(maps, masks):
-        response = bilinear_resize(grid, *gt.shape)
-        span = response.max() - response.min()
-        norm = (response - response.min()) / span if span > 0 else np.zeros_like(response)
-        pred = norm > 0.5
-        inter = np.logical_and(pred, gt).sum()
-        union = np.logical_or(pred, gt).sum()
-        ious.append(inter / union if union else 0.0)
-        inters.append(inter)
-        unions.append(union)
-        y, x = np.unravel_index(np.argmax(response), response.shape)
-        hits.append(bool(gt[y, x]))
-    ious = np.array(ious)
-    out = {"mIoU": ious.mean(), "cIoU": sum(inters) / sum(unions), "PointM": np.mean(hits)}
+    """One phrase at a time, pixel by pixel (tests/oracles.py): upsample, min-max, threshold 0.5, IoU, argmax."""
+    scores = [per_pixel_scores(grid, gt) for grid, gt in zip(maps, masks)]
+    inters, unions, hits = (np.array(column) for column in zip(*scores))
+    ious = np.where(unions > 0, inters / np.maximum(unions, 1), 0.0)
+    out = {"mIoU": ious.mean(), "cIoU": inters.sum() / unions.sum(), "PointM": np.mean(hits)}
     for t in PRECISION_THRESHOLDS:
         out[f"Prec@{t}"] = np.mean(ious > t)
     return out
@@ -134,7 +104,7 @@ def test_masks_whose_true_bytes_are_not_one_score_the_same():
 def test_masks_as_the_loader_hands_them_over_score_as_dense_masks():
     """The eval loader passes the shards' RLE dicts; decoded runs and dense masks are accepted too, and all
     give the same numbers as the per-sample reference."""
-    from sgdata.masks import mask_to_rle
+    from sgdata.format import mask_to_rle
     from sgmodel.mask_runs import runs_from_dense
 
     maps, masks = random_case(4)
@@ -158,7 +128,7 @@ def test_masks_as_the_loader_hands_them_over_score_as_dense_masks():
 
 
 def test_one_rle_shared_by_several_phrases_scores_each_against_its_own_map():
-    from sgdata.masks import mask_to_rle
+    from sgdata.format import mask_to_rle
 
     gt = np.zeros((30, 40), dtype=bool)
     gt[5:20, 10:30] = True

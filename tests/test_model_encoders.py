@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_model_common import tiny_config
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel.encoders import (
     build_image_encoder,
     build_text_encoder,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_model_common import select_images, tiny_batch, tiny_config
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel.encoders import build_tokenizer, tokenize
 from sgmodel.model import ShatterAndGather
 

@@ -11,14 +11,7 @@ from test_model_common import tiny_config
 
 from sgmodel.decoder import SpatialBroadcastDecoder
 from sgmodel.gather import TextGather
-from sgmodel.inference import (
-    argmax_points,
-    combine_slot_maps,
-    masks_from_maps,
-    normalize_maps,
-    predict_masks,
-    upsample_maps,
-)
+from sgmodel.inference import combine_slot_maps, predict_masks, threshold_maps, upsample_group
 from sgmodel.losses import contrastive_loss, duplicate_phrase_mask, reconstruction_loss
 from sgmodel.shatter import EntitySlotAttention, compete_for_tokens, sine_position_encoding
 
@@ -91,7 +84,7 @@ def test_position_encoding_goes_to_keys_only():
 
 
 def test_shatter_rejects_wrong_grid():
-    from sgdata.errors import UserError
+    from sgdata.format.errors import UserError
 
     with pytest.raises(UserError):
         make_shatter()(torch.randn(1, 10, 24), (3, 4))
@@ -241,32 +234,30 @@ def test_mask_inference_from_known_maps_and_weights():
     maps = combine_slot_maps(weights, slot_maps, index)
     assert torch.allclose(maps[0], torch.tensor([[0.9, 0.0], [0.0, 0.1]]))
     assert torch.allclose(maps[2], torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
-    masks = masks_from_maps(maps)
+    masks = threshold_maps(maps)
     assert masks[0].tolist() == [[True, False], [False, False]]
     assert masks[1].tolist() == [[False, False], [False, True]]
-    assert argmax_points(maps).tolist() == [[0, 0], [1, 1], [0, 1]]
+    assert predict_masks(maps, [(2, 2)] * 3)[2].tolist() == [[False, True], [False, False]]  # own size: no resampling
     full = predict_masks(maps, [(4, 4), (6, 2), (4, 4)])
     assert [tuple(m.shape) for m in full] == [(4, 4), (6, 2), (4, 4)]
     assert full[0][0, 0] and not full[0][3, 3]
     assert full[1][5, 1] and not full[1][0, 0]
 
 
-def test_flat_maps_give_empty_masks_without_nan():
+def test_flat_maps_give_empty_masks():
     maps = torch.stack([torch.full((3, 3), 0.7), torch.arange(9.0).view(3, 3)])
-    norm = normalize_maps(maps)
-    assert torch.isfinite(norm).all()
-    masks = masks_from_maps(maps)
+    masks = threshold_maps(maps)
     assert not masks[0].any()
     assert masks[1].sum() == 4  # values 5..8 normalise above 0.5
+    assert not predict_masks(maps[:1], [(7, 5)])[0].any()  # still flat once upsampled
 
 
-def test_upsample_groups_by_size_and_keeps_order():
+def test_predictions_group_by_size_and_keep_order():
     maps = torch.rand(4, 3, 3)
     sizes = [(6, 6), (9, 3), (6, 6), (3, 3)]
-    ups = upsample_maps(maps, sizes)
-    assert [tuple(u.shape) for u in ups] == sizes
-    assert torch.equal(ups[3], maps[3])
-    one = F.interpolate(maps[2][None, None], size=(6, 6), mode="bilinear", align_corners=False)[0, 0]
-    assert torch.allclose(ups[2], one)
-    listed = masks_from_maps(ups)
-    assert [tuple(m.shape) for m in listed] == sizes and listed[0].dtype == torch.bool
+    masks = predict_masks(maps, sizes)
+    assert [tuple(m.shape) for m in masks] == sizes and masks[0].dtype == torch.bool
+    assert torch.equal(masks[3], threshold_maps(maps[3:])[0])  # at its own size the map is not resampled
+    one = F.interpolate(maps[2][None, None], size=(6, 6), mode="bilinear", align_corners=False)[0]  # (1, 6, 6)
+    assert torch.allclose(upsample_group(maps[2:3], (6, 6)), one, atol=1e-6)
+    assert torch.equal(masks[2], threshold_maps(upsample_group(maps[2:3], (6, 6)))[0])

@@ -76,7 +76,7 @@ def test_a_non_finite_step_changes_no_weight_and_is_flagged():
 def test_precision_setting_is_checked_and_cpu_runs_fp32():
     import pytest
 
-    from sgdata.errors import UserError
+    from sgdata.format.errors import UserError
 
     assert isinstance(precision_context(torch.device("cpu"), "bf16"), contextlib.nullcontext)
     assert isinstance(precision_context(torch.device("cuda"), "bf16"), torch.autocast)

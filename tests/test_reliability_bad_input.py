@@ -32,10 +32,8 @@ from PIL import Image, ImageFile
 
 from refer_fixture import coco_file_name, make_refer_fixture
 from sgdata import api
-from sgdata.errors import UserError
+from sgdata.format import SampleError, UserError, iter_tar_samples
 from sgdata.images import load_image
-from sgdata.inspect import iter_tar_samples
-from sgdata.sources.base import SampleError
 from sgdata.verify import verify_dataset
 
 DEFAULT_MAX_PIXELS = 80_000_000  # sgdata.samples.SampleOptions' default; the bomb below is just above it

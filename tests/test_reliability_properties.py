@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from sgdata import masks
-from sgdata.errors import UserError
+from sgdata.format import SegmentationError, UserError, mask_to_rle, rle_to_mask
 from sgdata.images import fit_size, oriented_size
 from sgdata.sources.base import StoredImage
 from sgdata.sources.captions import parse_caption_file, plan_captions
@@ -66,23 +66,23 @@ def column_major_runs(mask: np.ndarray) -> list[int]:
 @FAST
 @given(bool_masks, st.integers(1, 3), st.integers(0, 6))
 def test_rle_resize_and_transpose_invariants(mask, factor, op):
-    rle = masks.mask_to_rle(mask)
+    rle = mask_to_rle(mask)
     height, width = mask.shape
-    assert masks.mask_to_rle(masks.rle_to_mask(rle)) == rle  # one mask, one encoding
+    assert mask_to_rle(rle_to_mask(rle)) == rle  # one mask, one encoding
     assert masks.resize_rle(rle, height, width) == rle  # same size: untouched
 
     up = masks.resize_rle(rle, height * factor, width * factor)
     expected_up = mask.repeat(factor, axis=0).repeat(factor, axis=1)  # nearest, integer factor: pixel blocks
-    assert np.array_equal(masks.rle_to_mask(up), expected_up)
-    assert np.array_equal(masks.rle_to_mask(masks.resize_rle(up, height, width)), mask)  # and back exactly
+    assert np.array_equal(rle_to_mask(up), expected_up)
+    assert np.array_equal(rle_to_mask(masks.resize_rle(up, height, width)), mask)  # and back exactly
 
     # the build transposes first, then resizes; for integer factors the order does not matter
     turned = masks.transpose_rle(rle, op)
     turned_h, turned_w = (width, height) if op in SWAPS_AXES else (height, width)
-    assert masks.rle_to_mask(turned).shape == (turned_h, turned_w)
-    assert masks.rle_to_mask(turned).sum() == mask.sum()  # a transpose moves pixels, never adds or drops
+    assert rle_to_mask(turned).shape == (turned_h, turned_w)
+    assert rle_to_mask(turned).sum() == mask.sum()  # a transpose moves pixels, never adds or drops
     both = masks.resize_rle(turned, turned_h * factor, turned_w * factor)
-    assert np.array_equal(masks.rle_to_mask(both), NUMPY_TRANSPOSE[op](expected_up))
+    assert np.array_equal(rle_to_mask(both), NUMPY_TRANSPOSE[op](expected_up))
 
 
 
@@ -96,10 +96,10 @@ def _pillow_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 @given(st.lists(arrays(np.bool_, st.just((11, 17)), elements=st.booleans()), min_size=1, max_size=4),
        st.integers(1, 40), st.integers(1, 40))
 def test_resizing_masks_on_their_runs_matches_pillow_at_any_size(mask_list, height, width):
-    rles = masks.resize_rles([masks.mask_to_rle(m) for m in mask_list], height, width)
+    rles = masks.resize_rles([mask_to_rle(m) for m in mask_list], height, width)
     for mask, rle in zip(mask_list, rles):
         expected = _pillow_nearest(mask, height, width)
-        assert rle == masks.mask_to_rle(expected)  # same pixels and the very string pycocotools encodes
+        assert rle == mask_to_rle(expected)  # same pixels and the very string pycocotools encodes
 
 
 @pytest.mark.parametrize("source, target", [((480, 640), (360, 480)), ((640, 427), (480, 320)),
@@ -109,10 +109,10 @@ def test_resizing_photo_sized_masks_matches_pillow(source, target):
     blobs = [rng.random((8, 8)) < p for p in (0.0, 0.3, 0.7, 1.0)]  # coarse blobs, then noise, at full size
     mask_list = [_pillow_nearest(b, *source) for b in blobs] + [rng.random(source) < 0.5]
     mask_list[-2][0, 0] = mask_list[-2][-1, -1] = False  # runs that start and end inside the image too
-    rles = masks.resize_rles([masks.mask_to_rle(m) for m in mask_list], *target)
-    assert [masks.rle_to_mask(r).shape for r in rles] == [target] * len(mask_list)
+    rles = masks.resize_rles([mask_to_rle(m) for m in mask_list], *target)
+    assert [rle_to_mask(r).shape for r in rles] == [target] * len(mask_list)
     for mask, rle in zip(mask_list, rles):
-        assert rle == masks.mask_to_rle(_pillow_nearest(mask, *target))
+        assert rle == mask_to_rle(_pillow_nearest(mask, *target))
     uncompressed = {"size": list(source), "counts": column_major_runs(mask_list[1])}
     assert masks.resize_rle(uncompressed, *target) == rles[1]  # crowd-style counts give the same mask
 
@@ -120,10 +120,10 @@ def test_resizing_photo_sized_masks_matches_pillow(source, target):
 @given(bool_masks)
 def test_every_segmentation_form_of_a_mask_gives_the_same_mask(mask):
     height, width = mask.shape
-    compressed = masks.mask_to_rle(mask)
+    compressed = mask_to_rle(mask)
     assert masks.segmentation_to_rle(compressed, height, width) == compressed
     from_counts = masks.segmentation_to_rle({"size": [height, width], "counts": column_major_runs(mask)}, height, width)
-    assert np.array_equal(masks.rle_to_mask(from_counts), mask)
+    assert np.array_equal(rle_to_mask(from_counts), mask)
     byte_counts = {"size": [height, width], "counts": compressed["counts"].encode("ascii")}
     assert masks.segmentation_to_rle(byte_counts, height, width) == compressed
 
@@ -142,10 +142,10 @@ def test_polygon_junk_gives_a_mask_or_a_segmentation_error(segmentation):
     """Whatever a polygon list holds (NaN, strings, 1-2 points), the answer is a mask or SegmentationError."""
     try:
         rle = masks.segmentation_to_rle(segmentation, 12, 10)
-    except masks.SegmentationError:
+    except SegmentationError:
         assert masks.clean_polygons(segmentation) == []
         return
-    assert masks.rle_to_mask(rle).shape == (12, 10)
+    assert rle_to_mask(rle).shape == (12, 10)
     assert all(len(part) >= 6 and all(math.isfinite(v) for v in part) for part in masks.clean_polygons(segmentation))
 
 
@@ -157,9 +157,9 @@ def test_polygon_junk_gives_a_mask_or_a_segmentation_error(segmentation):
 def test_any_junk_segmentation_gives_a_decodable_mask_or_a_segmentation_error(segmentation):
     try:
         rle = masks.segmentation_to_rle(segmentation, 12, 10)
-    except masks.SegmentationError:
+    except SegmentationError:
         return
-    assert masks.rle_to_mask(rle).shape == (12, 10)
+    assert rle_to_mask(rle).shape == (12, 10)
 
 
 # ---------------------------------------------------------------- RefCOCO sample JSON
@@ -211,7 +211,7 @@ def test_refcoco_sample_json_parses_back_to_the_same_data(sample):
             raw = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(
                 source["segmentation"], record["height"], record["width"]))).astype(bool)  # (H, W)
             turned = raw if image.transpose is None else NUMPY_TRANSPOSE[image.transpose](raw)
-            assert np.array_equal(masks.rle_to_mask(ref["mask"]), turned)
+            assert np.array_equal(rle_to_mask(ref["mask"]), turned)
     assert result.texts == [s["text"] for r in record["refs"] for s in r["sentences"]]
 
 

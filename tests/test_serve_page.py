@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel import serve as serve_module
 from sgmodel.cli import main as sgmodel_main
 from sgmodel.segment import Segmenter

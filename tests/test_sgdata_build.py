@@ -20,14 +20,13 @@ import pytest
 from refer_fixture import make_refer_fixture
 from sgdata import api
 from sgdata.build import build, shard_tasks
-from sgdata.errors import UserError
-from sgdata.inspect import iter_tar_samples
+from sgdata.format import SampleError, UserError, is_temporary, iter_tar_samples
 from sgdata.runner import InProcessRunner, RayRunner, make_runner
 from sgdata.samples import SampleOptions
-from sgdata.sources.base import Finalized, SampleError, SampleSpec, SourcePlan
+from sgdata.sources.base import Finalized, SampleSpec, SourcePlan
 from sgdata.sources.refcoco import plan_refcoco
 from sgdata.verify import verify_dataset
-from sgdata.writer import ShardTask, is_temporary, write_shard
+from sgdata.writer import ShardTask, write_shard
 
 BAD_IMAGE_ID = 522418  # a train image whose file is replaced by text: fails in the worker, not in planning
 

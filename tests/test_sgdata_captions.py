@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgdata.sources.base import StoredImage
 from sgdata.sources.captions import caption_key, finalize, plan_captions, unique_keys
 

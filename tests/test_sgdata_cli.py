@@ -27,9 +27,8 @@ from typer.testing import CliRunner
 from refer_fixture import make_refer_fixture
 from sgdata import api
 from sgdata.cli import app
-from sgdata.render import caption_tile, make_grid, overlay_mask
+from sgdata.format import caption_tile, is_temporary, make_grid, overlay_mask
 from sgdata.verify import verify_dataset
-from sgdata.writer import is_temporary
 
 runner = CliRunner()
 
@@ -103,7 +102,7 @@ def test_build_inspect_verify(refer, tmp_path):
     (lambda refer, tmp: refcoco_args(refer, tmp / "o", "--workers", "0", "--ray-address", "auto"), "in-process"),
     (lambda refer, tmp: ["build", "captions", str(tmp / "no_captions"), "--out", str(tmp / "o")], None),
     (lambda refer, tmp: ["verify", str(tmp / "nothing")], "not a folder"),
-    (lambda refer, tmp: ["inspect", str(tmp / "nothing-*.tar")], "No shards"),
+    (lambda refer, tmp: ["inspect", str(tmp / "nothing-*.tar")], "no shards match"),
 ], ids=["missing-root", "unknown-dataset", "shard-size", "max-size", "workers-and-address", "missing-captions",
         "verify-nothing", "inspect-nothing"])
 def test_user_errors_are_one_sentence_and_exit_2(refer, tmp_path, args_of, message):

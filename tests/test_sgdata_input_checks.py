@@ -25,9 +25,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pycocotools import mask as coco_mask
 
+from oracles import decode_counts_string
 from refer_fixture import make_refer_fixture
 from sgdata import api, masks
-from sgdata.errors import UserError
+from sgdata.format import SegmentationError, UserError, check_rle, decode_counts, mask_to_rle, rle_to_mask
 from sgdata.samples import SampleOptions
 from sgdata.sources.captions import plan_captions
 from sgdata.writer import ShardTask, write_shard
@@ -110,9 +111,34 @@ def test_a_ref_keeps_a_good_raw_text_when_its_sent_is_undecodable(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.bool_, st.tuples(st.integers(1, 30), st.integers(1, 30))))
 def test_compressed_counts_are_read_as_pycocotools_writes_them(mask):
-    runs = masks.decode_counts_string(masks.mask_to_rle(mask)["counts"])
+    runs = decode_counts(mask_to_rle(mask)["counts"])
     flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)  # runs alternate 0, 1, 0, ... column-major
     assert np.array_equal(flat.reshape(mask.shape, order="F"), mask)
+
+
+# characters that end a run ("0", "1", "?", "O"), continue one ("P", "`", "o"), carry the sign ("@"), and
+# that are no group at all (" ", "p", "é", "/")
+COUNTS_CHARACTERS = "01?OP`o@ pé/"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=COUNTS_CHARACTERS, max_size=40) | st.binary(max_size=16)
+       | st.builds(lambda n, tail: "P" * n + tail, st.integers(0, 30), st.text(alphabet=COUNTS_CHARACTERS, max_size=4)))
+def test_the_counts_reader_agrees_with_the_one_character_reference(counts):
+    """Same runs, or the same first fault in reading order (a 13-group run says "64 bits" before a string
+    ending mid-run does; non-ASCII bytes say "not ASCII"; a bad character is named)."""
+    try:
+        expected = decode_counts_string(counts)
+    except SegmentationError as exc:
+        with pytest.raises(SegmentationError) as raised:
+            decode_counts(counts)
+        assert str(raised.value) == str(exc)
+        return
+    if all(-(1 << 63) <= run < 1 << 63 for run in expected):
+        assert decode_counts(counts).tolist() == expected
+    else:  # runs past 64 bits (pycocotools could not hold them either)
+        with pytest.raises(SegmentationError, match="64 bits"):
+            decode_counts(counts)
 
 
 @pytest.mark.parametrize("counts, message", [
@@ -121,24 +147,24 @@ def test_compressed_counts_are_read_as_pycocotools_writes_them(mask):
     ([1.5, 118.5], "whole numbers"), ([True, 119], "whole numbers"), ({"a": 1}, "not understood"),
 ])
 def test_rle_counts_that_do_not_describe_the_mask_are_segmentation_errors(counts, message):
-    with pytest.raises(masks.SegmentationError, match=message):
+    with pytest.raises(SegmentationError, match=message):
         masks.segmentation_to_rle({"size": [12, 10], "counts": counts}, 12, 10)
-    with pytest.raises(masks.SegmentationError):
-        masks.check_rle({"size": [12, 10], "counts": counts}, 12, 10)
+    with pytest.raises(SegmentationError):
+        check_rle({"size": [12, 10], "counts": counts}, 12, 10)
 
 
 def test_far_away_polygons_are_clipped_instead_of_crashing_the_rasteriser():
     """pycocotools allocates along the outline: a corner at 1e300 crashed the process; now the part is clipped."""
-    far = masks.rle_to_mask(masks.segmentation_to_rle([[0.0, 0.0, 1e300, 0.0, 0.0, 1e300]], 12, 10))
+    far = rle_to_mask(masks.segmentation_to_rle([[0.0, 0.0, 1e300, 0.0, 0.0, 1e300]], 12, 10))
     near = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects([[0.0, 0.0, 1e3, 0.0, 0.0, 1e3]], 12, 10))).astype(bool)
     assert np.array_equal(far, near) and far.sum() > 100
     outside = masks.segmentation_to_rle([[1e9, 1e9, 2e9, 1e9, 2e9, 2e9]], 12, 10)
-    assert not masks.rle_to_mask(outside).any()  # wholly outside: an empty mask, as pycocotools would give
+    assert not rle_to_mask(outside).any()  # wholly outside: an empty mask, as pycocotools would give
     inside = [[2.0, 2.0, 8.5, 2.0, 8.5, 11.0, 2.0, 10.0]]  # real data is never clipped: same bytes as pycocotools
     assert masks.segmentation_to_rle(inside, 12, 10)["counts"] == \
         coco_mask.merge(coco_mask.frPyObjects(inside, 12, 10))["counts"].decode()
     zigzag = [[float(v) for i in range(40000) for v in ((0, 0) if i % 2 else (999, 999))]]
-    with pytest.raises(masks.SegmentationError, match="outline"):
+    with pytest.raises(SegmentationError, match="outline"):
         masks.segmentation_to_rle(zigzag, 1000, 1000)
 
 

@@ -20,11 +20,10 @@ from pycocotools import mask as coco_mask
 
 from refer_fixture import FAULT_KINDS, make_refer_fixture
 from sgdata import masks
-from sgdata.errors import UserError
-from sgdata.images import decode_rgb, load_image
+from sgdata.format import SampleError, SegmentationError, UserError, decode_rgb, mask_to_rle, rle_to_mask
+from sgdata.images import load_image
 from sgdata.refer import load_instances, load_refs
 from sgdata.samples import SampleOptions, make_sample
-from sgdata.sources.base import SampleError
 from sgdata.sources.refcoco import finalize, plan_refcoco
 
 
@@ -106,7 +105,7 @@ def test_every_sentence_and_mask_round_trips(refer, max_size):
             if expected.shape != (doc["height"], doc["width"]):
                 expected = nearest_resize(expected, doc["height"], doc["width"])
             assert ref["mask"]["size"] == [doc["height"], doc["width"]]
-            assert np.array_equal(masks.rle_to_mask(ref["mask"]), expected), (doc["image_id"], ref["ref_id"])
+            assert np.array_equal(rle_to_mask(ref["mask"]), expected), (doc["image_id"], ref["ref_id"])
             checked_masks += 1
             if max_size is None and doc["image_id"] != refer["exif_image_id"]:
                 assert ref["bbox"] == [float(v) for v in annotation["bbox"]]
@@ -142,7 +141,7 @@ def test_exif_oriented_box_follows_the_pixels(refer):
     (sample,) = [s for s in build_samples(refer, SampleOptions()) if s["json"]["image_id"] == refer["exif_image_id"]]
     for ref in sample["json"]["refs"]:
         x, y, w, h = ref["bbox"]
-        ys, xs = np.nonzero(masks.rle_to_mask(ref["mask"]))
+        ys, xs = np.nonzero(rle_to_mask(ref["mask"]))
         # the rasterised mask lies inside the transformed box (1 px slack for rasterisation)
         assert xs.min() >= x - 1 and xs.max() <= x + w + 1 and ys.min() >= y - 1 and ys.max() <= y + h + 1
 
@@ -285,42 +284,42 @@ def test_unreadable_refs_files_are_user_errors(tmp_path, content, message):
 def test_rle_helpers_round_trip_and_match_numpy_transposes():
     rng = np.random.default_rng(1)
     mask = rng.random((13, 21)) > 0.6  # (H, W)
-    rle = masks.mask_to_rle(mask)
+    rle = mask_to_rle(mask)
     assert isinstance(rle["counts"], str) and rle["size"] == [13, 21]
-    assert np.array_equal(masks.rle_to_mask(rle), mask)
+    assert np.array_equal(rle_to_mask(rle), mask)
     for op, numpy_op in NUMPY_TRANSPOSE.items():
-        assert np.array_equal(masks.rle_to_mask(masks.transpose_rle(rle, op)), numpy_op(mask)), op
+        assert np.array_equal(rle_to_mask(masks.transpose_rle(rle, op)), numpy_op(mask)), op
     for height, width in ((7, 9), (26, 42), (13, 21)):
-        assert np.array_equal(masks.rle_to_mask(masks.resize_rle(rle, height, width)), nearest_resize(mask, height, width))
+        assert np.array_equal(rle_to_mask(masks.resize_rle(rle, height, width)), nearest_resize(mask, height, width))
 
 
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.bool_, st.tuples(st.integers(1, 30), st.integers(1, 30))), st.integers(0, 6))
 def test_rle_round_trip_property(mask, op):
-    rle = masks.mask_to_rle(mask)
-    assert np.array_equal(masks.rle_to_mask(rle), mask)
-    assert np.array_equal(masks.rle_to_mask(masks.transpose_rle(rle, op)), NUMPY_TRANSPOSE[op](mask))
+    rle = mask_to_rle(mask)
+    assert np.array_equal(rle_to_mask(rle), mask)
+    assert np.array_equal(rle_to_mask(masks.transpose_rle(rle, op)), NUMPY_TRANSPOSE[op](mask))
     assert json.loads(json.dumps(rle)) == rle
 
 
 def test_segmentation_forms_and_degenerate_parts():
     polygon = [[2.0, 2.0, 10.0, 2.0, 10.0, 8.0], [12.0, 1.0, 18.0, 1.0, 18.0, 9.0, 12.0, 9.0]]
     expected = source_mask(polygon, 12, 20)
-    assert np.array_equal(masks.rle_to_mask(masks.segmentation_to_rle(polygon, 12, 20)), expected)
+    assert np.array_equal(rle_to_mask(masks.segmentation_to_rle(polygon, 12, 20)), expected)
     # degenerate parts (2 points, 1 point) are ignored rather than read as boxes
     noisy = polygon + [[0.0, 0.0, 19.0, 11.0], [5.0, 5.0]]
     assert masks.clean_polygons(noisy) == polygon
-    assert np.array_equal(masks.rle_to_mask(masks.segmentation_to_rle(noisy, 12, 20)), expected)
-    with pytest.raises(masks.SegmentationError):
+    assert np.array_equal(rle_to_mask(masks.segmentation_to_rle(noisy, 12, 20)), expected)
+    with pytest.raises(SegmentationError):
         masks.segmentation_to_rle([[1.0, 1.0, 5.0, 5.0]], 12, 20)
-    compressed = masks.mask_to_rle(expected)
+    compressed = mask_to_rle(expected)
     uncompressed_counts = coco_mask.frPyObjects({"size": [12, 20], "counts": [5, 7, 228]}, 12, 20)
     assert masks.segmentation_to_rle(compressed, 12, 20) == compressed
     assert masks.segmentation_to_rle({"size": [12, 20], "counts": [5, 7, 228]}, 12, 20)["counts"] == \
         uncompressed_counts["counts"].decode()
-    with pytest.raises(masks.SegmentationError, match="sum"):
+    with pytest.raises(SegmentationError, match="sum"):
         masks.segmentation_to_rle({"size": [12, 20], "counts": [5, 7]}, 12, 20)
-    with pytest.raises(masks.SegmentationError, match="size"):
+    with pytest.raises(SegmentationError, match="size"):
         masks.segmentation_to_rle(compressed, 20, 12)
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgdata.synth import (COLOURS, PHRASE_TYPES, SHAPES, SIZES, generate_refer_dataset, make_scene, phrase_type,
                           render_scene)
 

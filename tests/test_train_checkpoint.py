@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgdata.errors import UserError
+from sgdata.format.errors import UserError
 from sgmodel import checkpoint as ckpt
 from sgmodel.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state, restore_rng_states, rng_states, save_checkpoint
 from sgmodel.config import Config

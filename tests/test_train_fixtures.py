@@ -16,7 +16,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from sgdata.masks import mask_to_rle
+from sgdata.format import mask_to_rle
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 

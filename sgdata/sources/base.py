@@ -27,15 +27,6 @@ class Failure:
         return dataclasses.asdict(self)
 
 
-class SampleError(Exception):
-    """A whole sample cannot be produced; the runner records it as a Failure and goes on."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
 @dataclass
 class SampleSpec:
     """What one output sample needs: a stable dotless key, the image file, the source's record."""

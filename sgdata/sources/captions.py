@@ -27,8 +27,8 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
-from sgdata.errors import UserError
-from sgdata.sources.base import Failure, Finalized, SampleError, SampleSpec, SourcePlan, StoredImage
+from sgdata.format.errors import SampleError, UserError
+from sgdata.sources.base import Failure, Finalized, SampleSpec, SourcePlan, StoredImage
 from sgdata.sources.refcoco import dumps_sample
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

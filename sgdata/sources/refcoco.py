@@ -23,13 +23,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from sgdata.errors import UserError
+from sgdata.format.errors import SampleError, SegmentationError, UserError
+from sgdata.format.rle import check_rle
 from sgdata.images import oriented_size
-from sgdata.masks import (
-    SegmentationError, check_rle, clean_polygons, resize_rles, segmentation_to_rle, transpose_rle,
-)
+from sgdata.masks import clean_polygons, resize_rles, segmentation_to_rle, transpose_rle
 from sgdata.refer import load_instances, load_refs
-from sgdata.sources.base import Failure, Finalized, SampleError, SourcePlan, SampleSpec, StoredImage
+from sgdata.sources.base import Failure, Finalized, SourcePlan, SampleSpec, StoredImage
 
 # The published (dataset, splitBy) pairs and the splits each one defines.
 KNOWN_SPLITS = {

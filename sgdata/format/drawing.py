@@ -1,7 +1,8 @@
-"""Reusable drawing helpers: mask overlays, captioned tiles, grids (PIL only).
+"""Drawing masks over images: mask overlays, captioned tiles, grids (PIL only).
 
-General on purpose: `sgdata inspect --render` draws ground-truth masks with them, and sgmodel's
-evaluate/predict overlays draw predicted masks or soft maps with the same functions.
+Part of the shared surface because both packages show masks the same way: `sgdata inspect --render`
+draws ground-truth masks with them, and sgmodel's evaluate/predict overlays draw predicted masks or
+soft maps with the same functions and colours.
 """
 
 from __future__ import annotations
