@@ -9,6 +9,7 @@ Writes a binary mask PNG at the image's size per phrase (one phrase: --out itsel
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from sgdata.errors import UserError
 from sgmodel.checkpoint import model_from_checkpoint
 from sgmodel.data import image_to_tensor
 from sgmodel.evaluate import pick_device
+from sgmodel.logs import configure_logging
+
+logger = logging.getLogger("sgmodel.predict")  # not __name__: that is "__main__" under python -m
 
 
 def read_image(path: str) -> Image.Image:
@@ -53,7 +57,7 @@ def predict(checkpoint: str, image_path: str, texts: list[str], device: str = "a
     image = read_image(image_path)
     dev = pick_device(device)
     model, cfg, _ = model_from_checkpoint(checkpoint, dev)
-    input_ids, attention_mask = tokenize(build_tokenizer(cfg), texts, cfg.max_text_length)  # (T, L) each
+    input_ids, attention_mask = tokenize(build_tokenizer(cfg.text), texts, cfg.max_text_length)  # (T, L) each
     batch = {
         "images": image_to_tensor(image, cfg.image_size)[None].to(dev),  # (1, 3, H, W)
         "input_ids": input_ids.to(dev),
@@ -85,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="mask PNG (several phrases: <stem>-0.png, <stem>-1.png, ...)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         image, masks = predict(args.checkpoint, args.image, args.text, args.device)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logger.error(f"error: {exc}")
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     overlay = out.with_name(f"{out.stem}-overlay.png")
     overlay_all(image, masks, [t.strip() for t in args.text]).save(overlay)
     for path, text, mask in zip(written, args.text, masks):
-        print(f"{path}: {text!r} covers {mask.mean():.1%} of the image", file=sys.stderr)
-    print(f"overlay: {overlay}", file=sys.stderr)
+        logger.info(f"{path}: {text!r} covers {mask.mean():.1%} of the image")
+    logger.info(f"overlay: {overlay}")
     return 0
 
 
