@@ -94,13 +94,13 @@ def loader_rate(shards: str, batches: int, workers: int = WORKERS, batch: int = 
     import torch
 
     from benchmarks.common import process_tree_cpu_seconds
-    from sgmodel.config import Config
+    from sgmodel.config import from_dict
     from sgmodel.data import train_data
     from sgmodel.encoders import build_tokenizer
 
-    cfg = Config(train_shards=shards, image_size=(SIZE, SIZE), workers=workers, batch_size=batch, shuffle_buffer=100,
-                 tokenizer_path=tokenizer_spec())
-    data = train_data(cfg, build_tokenizer(cfg), on_cuda=on_cuda)
+    cfg = from_dict(dict(train_shards=shards, image_size=(SIZE, SIZE), workers=workers, batch_size=batch, shuffle_buffer=100,
+                         tokenizer_path=tokenizer_spec()))
+    data = train_data(cfg, build_tokenizer(cfg.text), on_cuda=on_cuda)
     batches_iter = iter(data.loader)
     for _ in range(max(1, workers)):  # each worker's first batch includes its start-up
         first = next(batches_iter)

@@ -75,9 +75,9 @@ class SgmodelSide:
         torch.manual_seed(0)
         self.model = place_model(ShatterAndGather(self.cfg, tokenizer=VocabOnly(self.vocab)), device).train()
         self.optimizer = make_optimizer(self.model, self.cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg.warmup_steps, 100000))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg.optim.warmup_steps, 100000))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.autocast = precision_context(device, self.cfg.precision)
+        self.autocast = precision_context(device, self.cfg.optim.precision)
         self.device, self.compile_mode = device, compile_mode
 
     def compile(self) -> None:
@@ -101,7 +101,7 @@ class SgmodelSide:
     def step(self, batch):
         from sgmodel.train import train_step
 
-        outputs, _, _ = train_step(self.model, self.optimizer, batch, self.trainable, self.cfg.grad_clip, self.autocast)
+        outputs, _, _ = train_step(self.model, self.optimizer, batch, self.trainable, self.cfg.optim.grad_clip, self.autocast)
         self.scheduler.step()
         return outputs["loss"].detach()
 

@@ -176,7 +176,7 @@ def evaluate_quality(checkpoint: str | Path, shards: str, batch_size: int = 16, 
     started = time.time()
     model, cfg, state = model_from_checkpoint(checkpoint, dev)
     torch.manual_seed(cfg.eval_seed)
-    loader = eval_loader(urls, cfg, build_tokenizer(cfg), batch_size)
+    loader = eval_loader(urls, cfg, build_tokenizer(cfg.text), batch_size)
     methods = score_model(model, loader, dev)
     return {"checkpoint": str(checkpoint), "step": int(state["step"]), "shards": shards, "split": split,
             "count": methods["model"]["count"], "seconds": round(time.time() - started, 1), "methods": methods}

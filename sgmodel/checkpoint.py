@@ -114,6 +114,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> Config:
+    """The run's config; checkpoints written before the config had sections hold it flat, and load too."""
     try:
         return from_dict(state["config"])
     except ValueError as exc:

@@ -74,8 +74,10 @@ def predict(
     device: Device = "auto",
 ) -> None:
     """Segment what each phrase refers to in each image; write binary mask PNGs and overlays."""
+    from sgmodel.logs import configure_logging
     from sgmodel.predict import image_files, predict_files
 
+    configure_logging()  # predict reports its files and skipped images through the sgmodel logger
     files = image_files(image or [], images)
     raise typer.Exit(predict_files(checkpoint, files, text, out, device, batch_size))
 

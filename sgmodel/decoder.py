@@ -18,21 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgdata.format.errors import UserError
-from sgmodel.config import Config
+from sgmodel.config import DecoderConfig
 from sgmodel.shatter import sine_position_encoding
 
 
 class SpatialBroadcastDecoder(nn.Module):
-    def __init__(self, cfg: Config, feat_dim: int):
+    """slots of width `dim` -> features of width `feat_dim` (the image tokens they reconstruct)."""
+
+    def __init__(self, cfg: DecoderConfig, dim: int, feat_dim: int):
         super().__init__()
-        if cfg.decoder_layers < 2:
-            raise UserError(f"decoder_layers must be at least 2, got {cfg.decoder_layers}")
         hidden = cfg.decoder_hidden
-        self.dim = cfg.dim
-        self.slot_in = nn.Linear(cfg.dim, hidden)
+        self.dim = dim
+        self.slot_in = nn.Linear(dim, hidden)
         # the fixed sine table through a learned linear map = a learned 2-D embedding at any grid size
-        self.pos_in = nn.Linear(cfg.dim, hidden, bias=False)
+        self.pos_in = nn.Linear(dim, hidden, bias=False)
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(cfg.decoder_layers - 2))
         self.feature_head = nn.Linear(hidden, feat_dim)
         self.alpha_head = nn.Linear(hidden, 1)

@@ -11,6 +11,7 @@ given checkpoint, it does not select one.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from sgdata.format import UserError, expand_shards, rle_to_mask, write_json_atom
 from sgdata.format.drawing import caption_tile, color_for, make_grid, overlay_mask
 from sgmodel.checkpoint import model_from_checkpoint
 from sgmodel.data import check_eval_shards, eval_loader
+from sgmodel.logs import configure_logging
+
+logger = logging.getLogger("sgmodel.evaluate")  # not __name__: that is "__main__" under python -m
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,8 +58,8 @@ def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0
     split = check_eval_shards(urls)
     dev = pick_device(device)
     model, cfg, state = model_from_checkpoint(checkpoint, dev)
-    torch.manual_seed(cfg.eval_seed)
-    loader = eval_loader(urls, cfg, build_tokenizer(cfg), batch_size, workers, keep_originals=overlays > 0)
+    torch.manual_seed(cfg.slots.eval_seed)
+    loader = eval_loader(urls, cfg, build_tokenizer(cfg.text), batch_size, workers, keep_originals=overlays > 0)
     metrics = MetricAccumulator()
     saved = 0
     for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="dataloader worker processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
+    configure_logging()
     out = Path(args.out)
     try:
         if args.batch_size < 1:
@@ -98,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         overlay_dir = Path(args.overlay_dir) if args.overlay_dir else out.with_name(f"{out.stem}_overlays")
         record = evaluate(args.checkpoint, args.shards, args.batch_size, args.workers, args.device, args.save_overlays, overlay_dir)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logger.error(f"error: {exc}")
         return 2
     write_json_atomic(out, record)
     summary = "  ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
-    print(f"{record['count']} phrases ({record['split'] or 'unnamed split'}): {summary} -> {out}", file=sys.stderr)
+    logger.info(f"{record['count']} phrases ({record['split'] or 'unnamed split'}): {summary} -> {out}")
     return 0
 
 

@@ -45,7 +45,7 @@ FP16_MAX = 65504.0
 
 
 def cache_root(cfg: Any) -> Path:
-    return Path(cfg.feature_cache).expanduser() if cfg.feature_cache else Path.home() / ".cache" / "sgmodel" / "features"
+    return Path(cfg.data.feature_cache).expanduser() if cfg.data.feature_cache else Path.home() / ".cache" / "sgmodel" / "features"
 
 
 def encoder_fingerprint(encoder: torch.nn.Module, settings: str) -> str:
@@ -232,21 +232,21 @@ def ensure_feature_cache(model: Any, cfg: Any, urls: list[str], device: torch.de
     work is shared and every rank then reads the same files (the cache folder must be on storage
     every node sees, or each node builds its own copy with `--feature-cache` on local disk).
     """
-    if not cfg.cache_features or not (cfg.freeze_image_encoder or cfg.freeze_text_encoder):
+    if not cfg.data.cache_features or not (cfg.image.freeze_image_encoder or cfg.text.freeze_text_encoder):
         return None
     root = cache_root(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     image_files: dict[str, Path] = {}
     text_files: dict[str, Path] = {}
     jobs = []  # (kind, url, path)
-    if cfg.freeze_image_encoder:
-        settings = f"image_size={tuple(cfg.image_size)}"
+    if cfg.image.freeze_image_encoder:
+        settings = f"image_size={tuple(cfg.image.image_size)}"
         image_fp = encoder_fingerprint(model.image_encoder, settings)
         _describe(root / "image" / image_fp, model.image_encoder.identity(), settings)
         image_files = {u: root / "image" / image_fp / f"{shard_fingerprint(u)}.pt" for u in urls}
         jobs += [("image", u, p) for u, p in image_files.items()]
-    if cfg.freeze_text_encoder:
-        settings = f"tokenizer={cfg.tokenizer_path or cfg.text_encoder_path}|max_length={cfg.max_text_length}|pooling={cfg.text_pooling}"
+    if cfg.text.freeze_text_encoder:
+        settings = f"tokenizer={cfg.text.tokenizer_path or cfg.text.text_encoder_path}|max_length={cfg.text.max_text_length}|pooling={cfg.text.text_pooling}"
         text_fp = encoder_fingerprint(model.text_encoder, settings)
         _describe(root / "text" / text_fp, model.text_encoder.identity(), settings)
         text_files = {u: root / "text" / text_fp / f"{shard_fingerprint(u)}.pt" for u in urls}
@@ -258,14 +258,14 @@ def ensure_feature_cache(model: Any, cfg: Any, urls: list[str], device: torch.de
         if tokenizer is None and any(kind == "text" for kind, _, _ in mine):
             from sgmodel.encoders import build_tokenizer
 
-            tokenizer = build_tokenizer(cfg)
+            tokenizer = build_tokenizer(cfg.text)
         image_urls = [u for kind, u, _ in mine if kind == "image"]
         bar = tqdm(total=count_samples(image_urls) if image_urls else 0, desc=f"feature cache ({len(mine)} shard file(s))", unit="img", disable=rank != 0, dynamic_ncols=True)
         for kind, url, path in mine:
             if kind == "image":
-                data = build_image_features(model.image_encoder, url, tuple(cfg.image_size), cfg.batch_size, device, model.image_encoder.identity(), bar)
+                data = build_image_features(model.image_encoder, url, tuple(cfg.image.image_size), cfg.optim.batch_size, device, model.image_encoder.identity(), bar)
             else:
-                data = build_text_features(model.text_encoder, tokenizer, url, cfg.max_text_length, cfg.batch_size, device, model.text_encoder.identity())
+                data = build_text_features(model.text_encoder, tokenizer, url, cfg.text.max_text_length, cfg.optim.batch_size, device, model.text_encoder.identity())
             atomic_torch_save(data, path)
         bar.close()
     dist.barrier()

@@ -16,14 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgmodel.config import Config
+from sgmodel.config import GatherConfig
 from sgmodel.shatter import FeedForward
 
 
 class TextGather(nn.Module):
-    def __init__(self, cfg: Config):
+    """Its own section plus the widths it shares with the slots: joint width `dim`, feed-forward
+    `mlp_ratio` and `dropout` (config section `slots`)."""
+
+    def __init__(self, cfg: GatherConfig, dim: int, mlp_ratio: float, dropout: float):
         super().__init__()
-        d = cfg.dim
+        d = dim
         self.heads, self.head_dim = cfg.gather_heads, cfg.gather_head_dim
         inner = self.heads * self.head_dim
         self.query_residual = cfg.gather_query_residual
@@ -33,9 +36,9 @@ class TextGather(nn.Module):
         self.to_k = nn.Linear(d, inner, bias=False)
         self.to_v = nn.Linear(d, inner, bias=False)
         self.out = nn.Linear(inner, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(dropout)
         self.norm_ffn = nn.LayerNorm(d)
-        self.ffn = FeedForward(d, cfg.mlp_ratio, cfg.dropout)
+        self.ffn = FeedForward(d, mlp_ratio, dropout)
         self.norm_final = nn.LayerNorm(d)
 
     def forward(

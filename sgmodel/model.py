@@ -36,23 +36,22 @@ NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, 
 class ShatterAndGather(nn.Module):
     def __init__(self, cfg: Config, tokenizer=None):
         super().__init__()
-        if cfg.logit_scale <= 0:
-            raise UserError(f"logit_scale must be positive, got {cfg.logit_scale}")
         self.cfg = cfg
-        self.image_encoder = build_image_encoder(cfg)
-        self.text_encoder = build_text_encoder(cfg, tokenizer if tokenizer is not None else build_tokenizer(cfg))
+        seed = cfg.run.seed  # random encoder weights depend on it alone
+        self.image_encoder = build_image_encoder(cfg.image, seed)
+        self.text_encoder = build_text_encoder(cfg.text, tokenizer if tokenizer is not None else build_tokenizer(cfg.text), seed)
         channels = self.image_encoder.out_dim
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
-        self.shatter = EntitySlotAttention(cfg, channels)
-        self.text_proj = nn.Linear(self.text_encoder.out_dim, cfg.dim)  # "[CLS] -> linear layer to d"
-        self.gather = TextGather(cfg)
-        self.decoder = SpatialBroadcastDecoder(cfg, channels) if cfg.recon_weight > 0 else None
-        if cfg.contrastive_warmup_steps > 0 or cfg.contrastive_ramp_steps > 0:
+        self.shatter = EntitySlotAttention(cfg.slots, channels)
+        self.text_proj = nn.Linear(self.text_encoder.out_dim, cfg.slots.dim)  # "[CLS] -> linear layer to d"
+        self.gather = TextGather(cfg.gather, cfg.slots.dim, cfg.slots.mlp_ratio, cfg.slots.dropout)
+        self.decoder = SpatialBroadcastDecoder(cfg.decoder, cfg.slots.dim, channels) if cfg.loss.recon_weight > 0 else None
+        if cfg.loss.contrastive_warmup_steps > 0 or cfg.loss.contrastive_ramp_steps > 0:
             # training steps seen, kept in the state dict so a resumed run continues the schedule
             self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
-        log_scale = torch.tensor(math.log(cfg.logit_scale))
-        if cfg.learn_logit_scale:
+        log_scale = torch.tensor(math.log(cfg.loss.logit_scale))
+        if cfg.loss.learn_logit_scale:
             self.log_logit_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_logit_scale", log_scale)
@@ -74,13 +73,13 @@ class ShatterAndGather(nn.Module):
             tokens = batch["image_tokens"].to(self.feature_mean.device, self.feature_mean.dtype)
         else:
             tokens = self.image_encoder(batch["images"])
-        if self.cfg.standardize_features:
+        if self.cfg.image.standardize_features:
             tokens = (tokens - self.feature_mean.to(tokens.dtype)) / self.feature_std.to(tokens.dtype)
         return tokens
 
     def token_grid(self, batch: dict, num_tokens: int) -> tuple[int, int]:
         """The (h, w) grid of the tokens: from the images' size, or the configured size for cached tokens."""
-        size = tuple(batch["images"].shape[-2:]) if "images" in batch else tuple(self.cfg.image_size)
+        size = tuple(batch["images"].shape[-2:]) if "images" in batch else tuple(self.cfg.image.image_size)
         grid = self.image_encoder.grid_size(size)
         if grid[0] * grid[1] != num_tokens:
             raise UserError(
@@ -104,7 +103,7 @@ class ShatterAndGather(nn.Module):
 
     def text_embedding(self, batch: dict) -> torch.Tensor:
         t = self.text_proj(self.text_features(batch))  # (T, d)
-        return nn.functional.normalize(t, dim=-1) if self.cfg.normalize_text else t
+        return nn.functional.normalize(t, dim=-1) if self.cfg.loss.normalize_text else t
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
@@ -146,7 +145,7 @@ class ShatterAndGather(nn.Module):
             reconstruction = contrastive.new_zeros(())
         # weight: a 0-dim CPU tensor, not a float, so a changing schedule never recompiles; it multiplies a
         # tensor on any device without a copy to it
-        loss = weight * contrastive + self.cfg.recon_weight * reconstruction
+        loss = weight * contrastive + self.cfg.loss.recon_weight * reconstruction
         return {
             "loss": loss,
             "contrastive": contrastive.detach(),
@@ -181,7 +180,7 @@ class ShatterAndGather(nn.Module):
         if self.training:
             self.steps_seen += 1
             self._host_steps_seen += 1
-        warm, ramp = self.cfg.contrastive_warmup_steps, self.cfg.contrastive_ramp_steps
+        warm, ramp = self.cfg.loss.contrastive_warmup_steps, self.cfg.loss.contrastive_ramp_steps
         if step < warm:
             return 0.0
         return min(1.0, (step - warm + 1) / ramp) if ramp > 0 else 1.0
@@ -197,10 +196,10 @@ class ShatterAndGather(nn.Module):
         columns are excluded). The excluded mask (T, B_all) also drops duplicate-phrase negatives.
         """
         b = slots.shape[0]
-        dedup = self.cfg.drop_duplicate_negatives or self.cfg.drop_entailed_negatives
-        entailed = self.cfg.drop_entailed_negatives
+        dedup = self.cfg.loss.drop_duplicate_negatives or self.cfg.loss.drop_entailed_negatives
+        entailed = self.cfg.loss.drop_entailed_negatives
         image_texts = (batch.get("image_texts") or _texts_per_image(batch, b)) if dedup else []
-        if not (self.cfg.gather_negatives and distributed.get_world_size() > 1):
+        if not (self.cfg.loss.gather_negatives and distributed.get_world_size() > 1):
             excluded = duplicate_phrase_mask(batch["texts"], image_texts, entailed).to(slots.device) if dedup else None
             return slots, 0, excluded
         sizes = [int(s) for s in distributed.all_gather_object(b)]
@@ -267,14 +266,14 @@ class ShatterAndGather(nn.Module):
                 groups.setdefault((id(p) in encoder_ids, id(p) in no_decay_ids), []).append(p)
         out = []
         for (is_encoder, no_decay), params in sorted(groups.items()):
-            scale = self.cfg.backbone_lr_scale if is_encoder else 1.0
+            scale = self.cfg.optim.backbone_lr_scale if is_encoder else 1.0
             out.append(
                 {
                     "name": f"{'encoders' if is_encoder else 'head'}{'_no_decay' if no_decay else ''}",
                     "params": params,
-                    "lr": self.cfg.lr * scale,
+                    "lr": self.cfg.optim.lr * scale,
                     "lr_scale": scale,
-                    "weight_decay": 0.0 if no_decay else self.cfg.weight_decay,
+                    "weight_decay": 0.0 if no_decay else self.cfg.optim.weight_decay,
                 }
             )
         return out

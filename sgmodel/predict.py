@@ -12,6 +12,7 @@ every phrase's mask tinted in its own colour. Images go through the model in bat
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,6 +23,8 @@ from PIL import Image
 from sgdata.format.drawing import caption_tile, color_for, overlay_mask
 from sgdata.format.errors import UserError
 from sgmodel.segment import IMAGE_SUFFIXES, Segmenter, clean_phrases, mask_image, read_image
+
+logger = logging.getLogger("sgmodel.predict")  # not __name__: that is "__main__" under python -m
 
 
 def predict(checkpoint: str, image_path: str, texts: list[str], device: str = "auto") -> tuple[Image.Image, list[np.ndarray]]:
@@ -118,14 +121,14 @@ def predict_files(checkpoint: str, files: list[Path], texts: list[str], out: Pat
                 written += 1
                 if len(files) == 1:
                     for path, text, mask in zip(mask_paths, texts, result.masks):
-                        print(f"{path}: {text!r} covers {mask.mean():.1%} of the image", file=sys.stderr)
-                    print(f"overlay: {overlay}", file=sys.stderr)
+                        logger.info(f"{path}: {text!r} covers {mask.mean():.1%} of the image")
+                    logger.info(f"overlay: {overlay}")
             progress.update(batch[-1][0] + 1 - progress.n)  # skipped images count as done
         progress.update(len(files) - progress.n)
     for message in skipped:
-        print(f"skipped: {message}", file=sys.stderr)
+        logger.warning(f"skipped: {message}")
     if len(files) > 1:
-        print(f"{written} image(s) x {len(texts)} phrase(s) -> {out}" + (f"; {len(skipped)} skipped" if skipped else ""), file=sys.stderr)
+        logger.info(f"{written} image(s) x {len(texts)} phrase(s) -> {out}" + (f"; {len(skipped)} skipped" if skipped else ""))
     return 1 if skipped else 0
 
 

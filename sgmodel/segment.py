@@ -88,9 +88,9 @@ class Segmenter:
 
         self.model = model.eval()
         self.device = torch.device(device)
-        self.image_size = tuple(cfg.image_size)  # (height, width) the encoder sees
-        self.max_text_length = cfg.max_text_length
-        self.tokenizer = build_tokenizer(cfg)
+        self.image_size = tuple(cfg.image.image_size)  # (height, width) the encoder sees
+        self.max_text_length = cfg.text.max_text_length
+        self.tokenizer = build_tokenizer(cfg.text)
         self.remembered_images = remembered_images
         self._tokens: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> raw encoder tokens (N, C)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgdata.format.errors import UserError
-from sgmodel.config import Config
+from sgmodel.config import SlotConfig
 
 RENORM_EPS = 1e-7
 MAX_POSITION_FREQUENCY = 32.0  # cycles per image side of the highest sine channel: resolves 64-cell grids
@@ -82,14 +82,15 @@ def compete_for_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 class EntitySlotAttention(nn.Module):
-    """tokens (B, N, in_dim) on an (h, w) grid -> slots (B, K, d), entity maps A (B, K, N)."""
+    """tokens (B, N, in_dim) on an (h, w) grid -> slots (B, K, d), entity maps A (B, K, N).
 
-    def __init__(self, cfg: Config, in_dim: int):
+    Built from its own section: EntitySlotAttention(SlotConfig(dim=64, slot_groups=4), in_dim=384).
+    """
+
+    def __init__(self, cfg: SlotConfig, in_dim: int):
         super().__init__()
         d = cfg.dim
         self.groups, self.per_group = cfg.slot_groups, cfg.slots_per_group
-        if self.groups < 1 or self.per_group < 1 or cfg.slot_iters < 1:
-            raise UserError("slot_groups, slots_per_group and slot_iters must all be at least 1")
         self.num_slots = self.groups * self.per_group
         self.iters = cfg.slot_iters
         self.value_position = cfg.slot_value_position

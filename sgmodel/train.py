@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -22,18 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from sgdata.format import UserError, parse_mixture, write_text_atomic
 from sgmodel import distributed as dist
 from sgmodel.checkpoint import CHECKPOINT_NAME, config_from_checkpoint, load_checkpoint, load_model_state, restore_rng_states, rng_states, save_checkpoint, unwrap
-from sgmodel.config import Config, coerce, describe_fields, load_config, parse_overrides, write_config
+from sgmodel.config import Config, coerce, describe_fields, flatten, from_dict, load_config, parse_overrides, read_yaml, resumable_fields, write_config
 from sgmodel.data import train_data
+from sgmodel.logs import configure_logging, current_rank, rank_log_path
 
-# Fields that describe the run rather than the model or the optimisation: --resume may change them.
-RUN_FIELDS = {"out", "max_steps", "epochs", "checkpoint_every", "log_every", "workers", "train_shards", "feature_cache", "nan_policy",
-              "compile"}
+logger = logging.getLogger("sgmodel.train")  # not __name__: that is "__main__" under python -m
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -54,10 +53,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--max-steps", type=int, help="total optimizer steps (0 = epochs x steps per epoch)")
     parser.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (and at the end)")
     args, rest = parser.parse_known_args(argv)
-    try:
-        overrides = parse_overrides(rest)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    overrides = parse_overrides(rest)
     for name in ("train_shards", "max_steps", "checkpoint_every"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -66,34 +62,30 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
 
 
 def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Config, dict | None]:
-    """Fresh run: defaults <- YAML <- CLI. Resume: the checkpoint's config, with only run fields changed."""
+    """Fresh run: defaults <- YAML <- CLI. Resume: the checkpoint's config, with only resumable fields
+    (those whose metadata says `resume`) changed; any other field that differs is refused."""
     checkpoint_path = Path(args.out) / CHECKPOINT_NAME
-    try:
-        if not args.resume or not checkpoint_path.exists():
-            if checkpoint_path.exists():
-                raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-            if args.resume and dist.is_main_process():
-                print(f"no checkpoint in {args.out} yet: starting a new run", file=sys.stderr)
-            cfg = load_config(args.config, overrides)
-            if not cfg.train_shards:
-                raise UserError("no training shards: pass --train-shards (a directory, glob, brace pattern or list)")
-            return cfg, None
-        state = load_checkpoint(checkpoint_path)
-        cfg = config_from_checkpoint(state)
-        given = dict(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-        given.update(overrides)
-        for name, value in given.items():
-            value = coerce(name, value)
-            if name in RUN_FIELDS:
-                setattr(cfg, name, value)
-            elif value != getattr(cfg, name):
-                raise UserError(
-                    f"--resume continues the checkpoint's run, whose {name} is {getattr(cfg, name)!r}, not {value!r}; "
-                    f"drop that option or start a new run in another --out"
-                )
-        return cfg, state
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+    if not args.resume or not checkpoint_path.exists():
+        if checkpoint_path.exists():
+            raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        if args.resume and dist.is_main_process():
+            logger.info(f"no checkpoint in {args.out} yet: starting a new run")
+        cfg = load_config(args.config, overrides)
+        if not cfg.data.train_shards:
+            raise UserError("no training shards: pass --train-shards (a directory, glob, brace pattern or list)")
+        return cfg, None
+    state = load_checkpoint(checkpoint_path)
+    cfg = config_from_checkpoint(state)
+    given = {**read_yaml(args.config), **flatten(overrides)}
+    may_change = resumable_fields()
+    for name, value in given.items():
+        value = coerce(name, value)
+        if name not in may_change and value != getattr(cfg, name):
+            raise UserError(
+                f"--resume continues the checkpoint's run, whose {name} is {getattr(cfg, name)!r}, not {value!r}; "
+                f"drop that option or start a new run in another --out"
+            )
+    return from_dict({name: value for name, value in given.items() if name in may_change}, base=cfg), state
 
 
 def configure_threads(on_cuda: bool) -> None:
@@ -181,14 +173,14 @@ def log_record(step: int, epoch: int, outputs: dict, lr: float, grad_norm: torch
     if skipped:
         record["skipped"] = True
         if dist.is_main_process():
-            print(f"step {step}: non-finite loss or gradient, update skipped (nan_policy=skip)", file=sys.stderr)
+            logger.warning(f"step {step}: non-finite loss or gradient, update skipped (nan_policy=skip)")
     return record
 
 
 def skipped_record(step: int, epoch: int, count: int) -> dict[str, Any]:
     """The log line of a skipped step found after the fact (flags are read at log steps only)."""
     if dist.is_main_process():
-        print(f"step {step}: non-finite loss or gradient, update skipped (nan_policy=skip); {count} such step(s) since the last log line", file=sys.stderr)
+        logger.warning(f"step {step}: non-finite loss or gradient, update skipped (nan_policy=skip); {count} such step(s) since the last log line")
     return {"step": step, "epoch": epoch, "loss": None, "contrastive": None, "reconstruction": None, "accuracy": None,
             "skipped": True, "skipped_steps": count}
 
@@ -202,25 +194,21 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
     groups = model.param_groups()
     params = [p for group in groups for p in group["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-PRECISIONS = ("bf16", "fp32")
-
-
 def precision_context(device: torch.device, precision: str):
     """The autocast the step runs under: bf16 on a GPU when `precision` is bf16, else fp32 (nothing).
 
-    A CPU always trains in fp32: few CPUs have fast bf16 matrix units, and fp32 there costs no memory
-    that matters. The bf16 path itself is checked on the CPU by tests/test_precision.py, which runs
-    `train_step` under torch.autocast("cpu", torch.bfloat16) against fp32.
+    `precision` is the config's, already one of its choices (sgmodel.config checks them when a config
+    is built). A CPU always trains in fp32: few CPUs have fast bf16 matrix units, and fp32 there costs
+    no memory that matters. The bf16 path itself is checked on the CPU by tests/test_precision.py,
+    which runs `train_step` under torch.autocast("cpu", torch.bfloat16) against fp32.
     """
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -285,9 +273,9 @@ def train(argv: list[str] | None = None) -> int:
     configure_threads(on_cuda)
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main_process()
     cfg, resumed = resolve_config(args, overrides)
-    if cfg.nan_policy not in ("stop", "skip"):
-        raise UserError(f"nan_policy must be 'stop' or 'skip', got {cfg.nan_policy!r}")
-    out = Path(cfg.out)
+    out = Path(cfg.run.out)
+    if cfg.run.rank_logs:
+        configure_logging(rank, rank_file=rank_log_path(out, rank))
     if main:
         write_config(cfg, out / "config.yaml")
 
@@ -296,20 +284,20 @@ def train(argv: list[str] | None = None) -> int:
     from sgmodel.features import ensure_feature_cache
     from sgmodel.model import ShatterAndGather
 
-    seed_everything(cfg.seed)
-    tokenizer = build_tokenizer(cfg)
+    seed_everything(cfg.run.seed)
+    tokenizer = build_tokenizer(cfg.text)
     model = place_model(ShatterAndGather(cfg, tokenizer), device)
 
     # frozen encoders: features once per sample, standardisation statistics into the model
-    urls = [u for part, _ in parse_mixture(cfg.train_shards) for u in part]
+    urls = [u for part, _ in parse_mixture(cfg.data.train_shards) for u in part]
     features = ensure_feature_cache(model, cfg, urls, device, tokenizer)
     stats = features.stats() if features is not None else None
     if stats is not None:
         model.set_feature_stats(stats[0].to(device), stats[1].to(device))
     if resumed is not None:
         load_model_state(model, resumed, f"checkpoint {out / CHECKPOINT_NAME}")
-    seed_everything(cfg.seed + rank)
-    if cfg.compile:  # before the DDP wrapper, which then calls the compiled stages
+    seed_everything(cfg.run.seed + rank)
+    if cfg.run.compile:  # before the DDP wrapper, which then calls the compiled stages
         model.compile_stages()
 
     if dist.is_enabled():
@@ -322,9 +310,9 @@ def train(argv: list[str] | None = None) -> int:
         )
 
     data = train_data(cfg, tokenizer, rank, world, features, on_cuda)
-    max_steps = cfg.max_steps or cfg.epochs * data.steps_per_epoch
+    max_steps = cfg.optim.max_steps or cfg.optim.epochs * data.steps_per_epoch
     optimizer = make_optimizer(unwrap(model), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, max_steps))
     step = 0
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -334,11 +322,11 @@ def train(argv: list[str] | None = None) -> int:
             restore_rng_states(per_rank[rank])
         step = resumed["step"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    autocast = precision_context(device, cfg.precision)
+    autocast = precision_context(device, cfg.optim.precision)
     log = RunLog(out, step, main)
     if main:
-        print(f"training {max_steps} steps ({data.steps_per_epoch} per epoch, {data.samples} samples, {world} rank(s) x {cfg.batch_size} images) "
-              f"from step {step} on {device} ({dist.backend_name()}, {'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}) -> {out}", file=sys.stderr)
+        logger.info(f"training {max_steps} steps ({data.steps_per_epoch} per epoch, {data.samples} samples, {world} rank(s) x {cfg.optim.batch_size} images) "
+                    f"from step {step} on {device} ({dist.backend_name()}, {'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}) -> {out}")
     progress = tqdm(total=max_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
     last_saved, timer, images_since = step, time.time(), 0
     model.train()
@@ -354,7 +342,7 @@ def train(argv: list[str] | None = None) -> int:
             for batch in data.epoch_batches(epoch, start=step % data.steps_per_epoch):
                 batch = to_device(batch, device)
                 lr = max(scheduler.get_last_lr())
-                outputs, grad_norm, bad = train_step(model, optimizer, batch, trainable, cfg.grad_clip, autocast)
+                outputs, grad_norm, bad = train_step(model, optimizer, batch, trainable, cfg.optim.grad_clip, autocast)
                 scheduler.step()
                 step += 1
                 bad_steps += bad
@@ -362,13 +350,13 @@ def train(argv: list[str] | None = None) -> int:
                 images_since += len(batch["keys"]) * world
                 progress.update(1)
 
-                log_now = step % cfg.log_every == 0 or step == max_steps
-                save_now = step % cfg.checkpoint_every == 0 or step == max_steps
+                log_now = step % cfg.run.log_every == 0 or step == max_steps
+                save_now = step % cfg.run.checkpoint_every == 0 or step == max_steps
                 if not (log_now or save_now):
                     continue
                 flagged, first, this_bad = (int(v) for v in torch.stack([bad_steps, first_bad, bad]).tolist())
                 if flagged:
-                    if cfg.nan_policy == "stop":
+                    if cfg.run.nan_policy == "stop":
                         raise UserError(_stopped_message(first, last_saved, out))
                     if first != step:  # an earlier skipped step gets its own line; this step's goes below
                         log.write(skipped_record(first, epoch, flagged - this_bad))
@@ -388,7 +376,7 @@ def train(argv: list[str] | None = None) -> int:
         progress.close()
         log.close()
     if main:
-        print(f"done: step {step}, checkpoint {out / CHECKPOINT_NAME}", file=sys.stderr)
+        logger.info(f"done: step {step}, checkpoint {out / CHECKPOINT_NAME}")
     return 0
 
 
@@ -399,14 +387,17 @@ def _stopped_message(step: int, last_saved: int, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()  # rank 0 speaks; with rank_logs every rank also writes RUN/logs/rank-<r>.log
     try:
         return train(argv)
     except UserError as exc:
-        prefix = f"rank {dist.get_rank()}: " if dist.get_rank() > 0 else ""
-        print(f"error: {prefix}{exc}", file=sys.stderr)
+        rank = current_rank()
+        prefix = f"rank {rank}: " if rank > 0 else ""
+        logger.error(f"error: {prefix}{exc}")
         return 2
     finally:
         dist.shutdown()
+        configure_logging()  # closes a rank_logs file
 
 
 if __name__ == "__main__":

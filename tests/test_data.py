@@ -31,7 +31,7 @@ def shard_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(tiny_config())
+    return build_tokenizer(tiny_config().text)
 
 
 def _keys(batches) -> list[list[str]]:

@@ -20,7 +20,7 @@ def build(**overrides) -> ShatterAndGather:
 @pytest.mark.parametrize("size", [(64, 96), (63, 81)])  # even sizes need the asymmetric TF padding
 def test_folded_efficientnet_matches_the_package_layers(size):
     cfg = tiny_config(image_encoder="efficientnet_lite", image_size=size, efficientnet_block=6, freeze_image_encoder=True)
-    encoder = build_image_encoder(cfg)
+    encoder = build_image_encoder(cfg.image)
     for module in encoder.modules():  # non-trivial BatchNorm statistics, so folding has something to do
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -38,7 +38,7 @@ def test_folded_efficientnet_matches_the_package_layers(size):
 
 def test_folded_weights_follow_a_loaded_state_dict():
     cfg = tiny_config(image_encoder="efficientnet_lite", image_size=(32, 32), efficientnet_block=2, freeze_image_encoder=True)
-    a, b = build_image_encoder(cfg), build_image_encoder(tiny_config(**{**cfg.__dict__, "seed": 1}))
+    a, b = build_image_encoder(cfg.image, seed=0), build_image_encoder(cfg.image, seed=1)
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         before = a(images)

@@ -51,7 +51,7 @@ def _cache_files(cache: Path, kind: str) -> list[Path]:
 
 def test_cache_is_built_once_and_read_every_epoch(shards, tmp_path):
     cfg = _frozen_cfg(shards, tmp_path / "cache")
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build_tokenizer(cfg.text)
     model = ShatterAndGather(cfg, tokenizer)
     image_calls, text_calls = _count_calls(model.image_encoder), _count_calls(model.text_encoder)
     urls = expand_shards(shards)

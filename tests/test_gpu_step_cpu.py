@@ -151,7 +151,7 @@ def test_cpu_smoke_builds_both_sides_and_writes_gpu_step_rows(fake_checkout, tmp
         row = rows[f"gpu_step_b{b}"]
         assert row["batch"] == b and row["mode"] == "cpu-smoke" and row["device"] == "cpu"
         assert row["value"] > 0 and row["limit_or_baseline"] > 0
-        assert row["ratio"] == pytest.approx(row["value"] / row["limit_or_baseline"], rel=1e-3)
+        assert row["ratio"] == pytest.approx(row["value"] / row["limit_or_baseline"], rel=1e-3, abs=5e-5)  # the row rounds it to 4 decimals
         # sgmodel's tiny configuration does far more work per step than the fake's few layers
         assert row["flop_per_step"]["sgmodel"] > row["flop_per_step"]["public"] > 0
         assert row["fraction_of_peak"] == {"sgmodel": None, "public": None}  # a CPU has no entry in the peak table

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from sgmodel.config import Config  # noqa: E402
+from sgmodel.config import Config, from_dict  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -46,7 +46,7 @@ def tiny_config(**overrides) -> Config:
         seed=0,
     )
     values.update(overrides)
-    return Config(**values)
+    return from_dict(values)
 
 
 def tiny_batch(model, num_images: int = 3, texts_per_image=(2, 1, 3), seed: int = 0, size=(32, 32)) -> dict:
@@ -60,7 +60,7 @@ def tiny_batch(model, num_images: int = 3, texts_per_image=(2, 1, 3), seed: int 
         for j in range(count):
             texts.append(PHRASES[(image * 2 + j) % len(PHRASES)])
             index.append(image)
-    input_ids, attention_mask = tokenize(build_tokenizer(model.cfg), texts, model.cfg.max_text_length)
+    input_ids, attention_mask = tokenize(build_tokenizer(model.cfg.text), texts, model.cfg.max_text_length)
     return {
         "images": images,
         "input_ids": input_ids,

@@ -164,7 +164,7 @@ def test_param_groups_scale_encoder_lr_and_skip_decay_where_it_does_not_belong()
 
 
 def test_tokenize_pads_and_truncates_with_a_warning():
-    tokenizer = build_tokenizer(tiny_config())
+    tokenizer = build_tokenizer(tiny_config().text)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ids, mask = tokenize(tokenizer, ["ab", "abcdef"], max_length=16)

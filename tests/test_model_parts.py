@@ -18,7 +18,7 @@ from sgmodel.shatter import EntitySlotAttention, compete_for_tokens, sine_positi
 
 def make_shatter(**overrides) -> EntitySlotAttention:
     torch.manual_seed(0)
-    return EntitySlotAttention(tiny_config(**overrides), in_dim=24).eval()
+    return EntitySlotAttention(tiny_config(**overrides).slots, in_dim=24).eval()
 
 
 # ---- shatter ---------------------------------------------------------------------------------------
@@ -95,7 +95,8 @@ def test_shatter_rejects_wrong_grid():
 
 def make_gather(**overrides) -> TextGather:
     torch.manual_seed(0)
-    return TextGather(tiny_config(**overrides)).eval()
+    cfg = tiny_config(**overrides)
+    return TextGather(cfg.gather, cfg.slots.dim, cfg.slots.mlp_ratio, cfg.slots.dropout).eval()
 
 
 def test_gather_all_pairs_shapes_norm_and_weights():
@@ -144,7 +145,8 @@ def test_gather_queries_are_independent_and_residual_switch():
 
 def test_decoder_matches_the_materialised_broadcast():
     torch.manual_seed(0)
-    decoder = SpatialBroadcastDecoder(tiny_config(decoder_layers=4), feat_dim=10)
+    cfg = tiny_config(decoder_layers=4)
+    decoder = SpatialBroadcastDecoder(cfg.decoder, cfg.slots.dim, feat_dim=10)
     slots = torch.randn(2, 3, 32)
     recon, alphas = decoder(slots, (2, 3))
     assert recon.shape == (2, 6, 10) and alphas.shape == (2, 3, 6)

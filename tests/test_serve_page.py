@@ -56,7 +56,7 @@ def test_answer_gives_masks_slot_maps_and_weights(trained, examples, tmp_path):
     overlays, tiles, table, files, status, warnings = answer({"path": path}, "the red circle\n\n  the blue one  \n")
     assert warnings == [] and "2 phrase(s)" in status
     assert [caption.split(" (")[0] for _, caption in overlays] == ["the red circle", "the blue one"]  # blank lines ignored
-    slots = segmenter.model.cfg.slot_groups * segmenter.model.cfg.slots_per_group
+    slots = segmenter.model.cfg.slots.slot_groups * segmenter.model.cfg.slots.slots_per_group
     assert len(tiles) == slots and table["headers"] == ["phrase"] + [f"slot {k}" for k in range(slots)]
     weights = np.array([row[1:] for row in table["data"]])
     assert weights.shape == (2, slots) and np.allclose(weights.sum(axis=1), 1.0, atol=0.01)  # a distribution over slots

@@ -11,7 +11,7 @@ import torch
 from sgdata.format.errors import UserError
 from sgmodel import checkpoint as ckpt
 from sgmodel.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state, restore_rng_states, rng_states, save_checkpoint
-from sgmodel.config import Config
+from sgmodel.config import Config, SlotConfig
 
 
 def _model(width: int = 4) -> torch.nn.Module:
@@ -20,7 +20,7 @@ def _model(width: int = 4) -> torch.nn.Module:
 
 def _save(path, model, step):
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    return save_checkpoint(path, cfg=Config(dim=32), step=step, epoch=0, model=model, optimizer=opt)
+    return save_checkpoint(path, cfg=Config(slots=SlotConfig(dim=32)), step=step, epoch=0, model=model, optimizer=opt)
 
 
 def test_roundtrip_holds_everything_a_resume_needs(tmp_path):

@@ -8,16 +8,33 @@ from pathlib import Path
 
 import pytest
 
-from sgmodel.config import Config, load_config
+from sgmodel.config import SECTIONS, Config, load_config, resumable_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_config_field_is_in_the_training_docs_table():
-    documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", (ROOT / "docs" / "training.md").read_text(), flags=re.M))
-    fields = {f.name for f in dataclasses.fields(Config)}
-    assert sorted(fields - documented) == []  # add a row to docs/training.md for each new field
-    assert sorted(documented - fields) == []  # and no row for a field that no longer exists
+def _documented_sections() -> dict[str, dict[str, str]]:
+    """docs/training.md's config tables: {section heading name: {field: its row}}."""
+    text = (ROOT / "docs" / "training.md").read_text().split("## Config fields", 1)[1]
+    sections: dict[str, dict[str, str]] = {}
+    for block in re.split(r"^### ", text, flags=re.M)[1:]:
+        name = re.match(r"`([a-z_]+)`", block).group(1)
+        sections[name] = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z_0-9]+)` \|.*$", block, flags=re.M)}
+    return sections
+
+
+def test_every_config_field_is_in_the_training_docs_table_of_its_section():
+    documented = _documented_sections()
+    assert list(documented) == list(SECTIONS)  # one table per section, in the dataclass's order
+    for section, cls in SECTIONS.items():
+        fields = [f.name for f in dataclasses.fields(cls)]
+        assert sorted(set(fields) - set(documented[section])) == [], section  # add a row for each new field
+        assert sorted(set(documented[section]) - set(fields)) == [], section  # and none for a field that is gone
+
+
+def test_the_docs_mark_exactly_the_fields_a_resume_may_change():
+    marked = {name for rows in _documented_sections().values() for name, row in rows.items() if "| resume ·" in row}
+    assert marked == set(resumable_fields())
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "refcoco.yaml"])
