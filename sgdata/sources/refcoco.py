@@ -29,7 +29,7 @@ from sgdata.masks import (
     SegmentationError, check_rle, clean_polygons, resize_rles, segmentation_to_rle, transpose_rle,
 )
 from sgdata.refer import load_instances, load_refs
-from sgdata.sources.base import Failure, Finalized, SampleError, SourcePlan, SampleSpec, StoredImage
+from sgdata.sources.base import Failure, Finalized, Option, SampleError, SourcePlan, SampleSpec, StoredImage
 
 # The published (dataset, splitBy) pairs and the splits each one defines.
 KNOWN_SPLITS = {
@@ -467,3 +467,28 @@ def finalize(record: dict, image: StoredImage) -> Finalized:
     }
     return Finalized(files={"json": dumps_sample(sample)}, texts=texts, source_id=str(record["image_id"]),
                      failures=failures)
+
+
+class ReferSource:
+    """`sgdata build refcoco --refer-root ...`: the refer toolkit's own files."""
+
+    name = "refcoco"
+    command = "refcoco"
+    help = "Shards of a RefCOCO-family dataset: one sample per image with every ref, sentence and mask."
+    options = (
+        Option("refer_root", "refer toolkit data root (ROOT/<dataset>/instances.json, refs(<splitBy>).p).",
+               "path", required=True),
+        Option("images", "Folder of the COCO train2014 images.", "path", required=True),
+        Option("dataset", "refcoco, refcoco+ or refcocog.", required=True),
+        Option("split_by", "unc, umd or google.", required=True),
+        Option("splits", "Comma-separated splits (default: all), e.g. val,testA.", "splits"),
+    )
+    layout = ("refer_root",)
+
+    def plan(self, *, refer_root, images, dataset, split_by, splits=None) -> SourcePlan:
+        return plan_refcoco(refer_root, images, dataset, split_by, splits)
+
+    finalize = staticmethod(finalize)
+
+
+SOURCE = ReferSource()
