@@ -31,7 +31,7 @@ from sgdata.images import fit_size, oriented_size
 from sgdata.sources.base import StoredImage
 from sgdata.sources.caption_folder import parse_caption_file
 from sgdata.sources.captions import plan_captions
-from sgdata.sources.refcoco import dumps_sample, finalize
+from sgdata.sources.refer_sample import dumps_sample, finalize
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

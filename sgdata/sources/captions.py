@@ -23,7 +23,7 @@ from sgdata.sources.base import Failure, Finalized, Option, SampleError, SampleS
 from sgdata.sources.caption_folder import plan_folder
 from sgdata.sources.caption_table import TABLE_FORMATS, plan_table
 from sgdata.sources.caption_text import SPLIT, display_path
-from sgdata.sources.refcoco import dumps_sample
+from sgdata.sources.refer_sample import dumps_sample
 
 KEY_STEM_CHARS = 40
 KEY_HASH_CHARS = 10
