@@ -76,12 +76,13 @@ def _jsonl_rows(path: Path, failures: list[Failure]) -> tuple[list[str], list[di
     return list(columns), rows, labels
 
 
-def read_parquet(path: Path):
+def read_parquet(path: Path, columns: list[str] | None = None):
+    """The table (those columns only, when named), or a one-sentence UserError when it cannot be read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path)
+        return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         reason = str(exc).splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read the table {path.name}: {reason}.") from None

@@ -61,13 +61,14 @@ class ReferSource:
 
     name = "refcoco"
     command = "refcoco"
-    help = "Shards of a RefCOCO-family dataset: one sample per image with every ref, sentence and mask."
+    help = ("Shards of a RefCOCO-family dataset, from the refer toolkit files (--refer-root) or the Hub parquet "
+            "copies (--hub-parquet): one sample per image with every ref, sentence and mask.")
     options = (
         Option("refer_root", "refer toolkit data root (ROOT/<dataset>/instances.json, refs(<splitBy>).p).",
                "path", required=True),
         Option("images", "Folder of the COCO train2014 images.", "path", required=True),
         Option("dataset", "refcoco, refcoco+ or refcocog.", required=True),
-        Option("split_by", "unc, umd or google.", required=True),
+        Option("split_by", "unc, umd or google (implied for the Hub copies).", required=True),
         Option("splits", "Comma-separated splits (default: all), e.g. val,testA.", "splits"),
     )
     layout = ("refer_root",)

@@ -20,6 +20,7 @@ from sgdata.sources.base import Option, Source
 
 SOURCE_MODULES = (
     "sgdata.sources.refcoco",
+    "sgdata.sources.refcoco_hub",
     "sgdata.sources.captions",
 )
 
