@@ -104,7 +104,7 @@ def test_a_new_source_file_becomes_a_build_command(toy_registered, tmp_path):
 
 
 @pytest.mark.parametrize("command, options, message", [
-    ("nope", {}, "there is no source 'nope'; sources: refcoco, captions"),
+    ("nope", {}, "there is no source 'nope'; sources: refcoco, captions, phrasecut"),
     ("captions", {"src": "x", "dataset": "refcoco"}, "'dataset' does not apply to sgdata build captions."),
     ("captions", {}, "sgdata build captions needs SRC."),
 ])

@@ -22,6 +22,7 @@ SOURCE_MODULES = (
     "sgdata.sources.refcoco",
     "sgdata.sources.refcoco_hub",
     "sgdata.sources.captions",
+    "sgdata.sources.phrasecut",
 )
 
 
