@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 IMAGES = {101: (48, 40, "train"), 102: (40, 52, "train"), 201: (56, 44, "val"), 202: (44, 44, "val")}
-BAD_TASKS = {"102__2": "no_polygon", "102__3": "blank_sentence", "999__1": "missing_image_record"}
+BAD_TASKS = {"102__2": "no_polygon", "102__3": "blank_sentence", "102__4": "no_polygon",
+             "999__1": "missing_image_record"}
 
 
 def _tasks() -> dict[str, list[dict]]:
@@ -35,6 +36,7 @@ def _tasks() -> dict[str, list[dict]]:
             task(102, 1, "red car", [[[[5.0, 5.0], [35.0, 6.0], [36.0, 30.0], [60.0, 45.0], [4.0, 29.0]]]], name="car"),
             task(102, 2, "nothing drawn", []),
             task(102, 3, "   ", [[[[1, 1], [5, 1], [5, 5]]]]),
+            task(102, 4, "a single point", [[[[3.0, 3.0]]], [[]]]),
         ],
         "val": [
             task(201, 1, "big tree", [[[[10.0, 2.0], [50.0, 8.0], [30.0, 40.0]]]], name="tree"),

@@ -101,6 +101,19 @@ def test_a_phrase_drawn_outside_the_image_is_an_empty_mask_failure(tmp_path):
     assert "201__1" not in stored(tmp_path / "out") and "201__2" in stored(tmp_path / "out")
 
 
+def test_tasks_without_ids_and_images_without_files_are_reported(tmp_path):
+    fx = make_phrasecut_fixture(tmp_path / "raw")
+    tasks = fx["tasks"]["val"]
+    del tasks[2]["image_id"]  # 202__1
+    (fx["root"] / "refer_val.json").write_text(json.dumps(tasks))
+    (fx["root"] / "images" / "201.jpg").unlink()
+    plan = plan_phrasecut(fx["root"], ["val"])
+    assert sorted((f.path, f.reason) for f in plan.failures) == [
+        ("refer_val.json#task_id=201__1", "missing_image_file"), ("refer_val.json#task_id=201__2", "missing_image_file"),
+        ("refer_val.json#task_id=202__1", "malformed_task"), ("refer_val.json#task_id=999__1", "missing_image_record")]
+    assert not plan.splits
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda root: None, "is not a PhraseCut split; use train, val, test, miniv"),
     (lambda root: (root / "refer_val.json").unlink(), "has no refer_val.json (present: refer_train.json)"),

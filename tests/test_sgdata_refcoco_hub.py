@@ -106,7 +106,8 @@ def test_malformed_rows_are_per_ref_failures_never_evaluated(refer, tmp_path):
     marker = tmp_path / "evaluated"
     bad = {0: ("raw_anns", "{'id': 1000, not json"),
            1: ("raw_anns", f"__import__('pathlib').Path({str(marker)!r}).touch()"),
-           2: ("raw_image_info", "[1, 2, 3]")}
+           2: ("raw_image_info", "[1, 2, 3]"),
+           3: ("split", "val")}
 
     def edit(split, index, row):
         if split == "train" and index in bad:
@@ -123,6 +124,7 @@ def test_malformed_rows_are_per_ref_failures_never_evaluated(refer, tmp_path):
     assert sorted(f["path"] for f in reported) == [f"{TRAIN_FILE}:{i + 1}" for i in sorted(bad)]
     assert all(f["split"] == "train" for f in reported)
     assert "raw_image_info is a JSON list, not an object" in reported[2]["detail"]
+    assert "its split column says 'val' but it is in the train file" in reported[3]["detail"]
     train_rows = hub_rows(refer)["train"]
     dropped = {train_rows[i]["ref_id"] for i in bad}
     stored = {ref["ref_id"] for doc in sample_docs(tmp_path / "out").values() for ref in doc["refs"]}
