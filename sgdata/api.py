@@ -1,8 +1,13 @@
 """The Python API, in the CLI's shape: one function per command, same arguments, same defaults.
 
     from sgdata import api
-    summary = api.build_refcoco("data/refer", "data/coco/train2014", "refcoco", "unc", "shards/refcoco")
+    summary = api.build("refcoco", "shards/refcoco", refer_root="data/refer", images="data/coco/train2014",
+                        dataset="refcoco", split_by="unc")
     problems = api.verify("shards/refcoco")
+
+`build(command, out, **options)` takes the options of `sgdata build <command>` as keywords (their names
+are the flags without dashes, e.g. `hub_parquet` for `--hub-parquet`); `build_refcoco` and
+`build_captions` are the same call with the common sources' arguments in order.
 
 Fatal input problems raise `sgdata.format.errors.UserError` (the CLI prints its one sentence, exit 2). So does a
 build that yields no sample at all: refused before OUT is touched when the input holds nothing to build,
@@ -17,70 +22,40 @@ from typing import Any, Sequence
 from sgdata.format.errors import UserError
 
 
-def _split_list(splits: str | Sequence[str] | None) -> list[str] | None:
-    if splits is None:
-        return None
-    items = splits.split(",") if isinstance(splits, str) else list(splits)
-    items = [s.strip() for s in items if s.strip()]
-    return items or None
-
-
-def _options(max_size: int | None):
+def build(
+    command: str,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    max_size: int | None = None,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Shards of the source `command` names (see `sgdata build --help`); returns the build summary."""
+    from sgdata.build import build as run_build
     from sgdata.samples import SampleOptions
+    from sgdata.sources.registry import plan_and_record
 
     if max_size is not None and max_size < 1:
         raise UserError(f"--max-size must be a positive number of pixels, got {max_size}.")
-    return SampleOptions(max_size=max_size)
+    plan, record = plan_and_record(command, options)
+    return run_build(plan, out, options=SampleOptions(max_size=max_size), shard_size=shard_size, workers=workers,
+                     ray_address=ray_address, overwrite=overwrite, command=record, progress=progress)
 
 
-def build_refcoco(
-    refer_root: str | Path,
-    images: str | Path,
-    dataset: str,
-    split_by: str,
-    out: str | Path,
-    splits: str | Sequence[str] | None = None,
-    workers: int | None = None,
-    ray_address: str | None = None,
-    max_size: int | None = None,
-    shard_size: int = 1000,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Shards of a RefCOCO-family dataset (refer-toolkit layout + COCO images); returns the build summary."""
-    from sgdata.build import build
-    from sgdata.sources.refcoco import plan_refcoco
-
-    options = _options(max_size)
-    wanted = _split_list(splits)
-    plan = plan_refcoco(refer_root, images, dataset, split_by, wanted)
-    command = {
-        "source": "refcoco", "refer_root": str(Path(refer_root).resolve()), "images": str(Path(images).resolve()),
-        "dataset": dataset, "split_by": split_by, "splits": wanted,
-    }
-    return build(plan, out, options=options, shard_size=shard_size, workers=workers, ray_address=ray_address,
-                 overwrite=overwrite, command=command, progress=progress)
+def build_refcoco(refer_root: str | Path, images: str | Path, dataset: str, split_by: str, out: str | Path,
+                  splits: str | Sequence[str] | None = None, **build_options: Any) -> dict[str, Any]:
+    """Shards of a RefCOCO-family dataset in the refer toolkit layout + COCO images (`build("refcoco", ...)`)."""
+    return build("refcoco", out, refer_root=refer_root, images=images, dataset=dataset, split_by=split_by,
+                 splits=splits, **build_options)
 
 
-def build_captions(
-    src: str | Path,
-    out: str | Path,
-    workers: int | None = None,
-    ray_address: str | None = None,
-    max_size: int | None = None,
-    shard_size: int = 1000,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> dict[str, Any]:
+def build_captions(src: str | Path, out: str | Path, **build_options: Any) -> dict[str, Any]:
     """Shards of an image-caption folder tree or table (jsonl/csv/tsv/parquet); split "train"."""
-    from sgdata.build import build
-    from sgdata.sources.captions import plan_captions
-
-    options = _options(max_size)
-    plan = plan_captions(src)
-    command = {"source": "captions", "src": str(Path(src).resolve())}
-    return build(plan, out, options=options, shard_size=shard_size, workers=workers, ray_address=ray_address,
-                 overwrite=overwrite, command=command, progress=progress)
+    return build("captions", out, src=src, **build_options)
 
 
 def inspect(shards: str | Path, render: str | Path | None = None, n: int = 16, examples: int = 3) -> dict[str, Any]:

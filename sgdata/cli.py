@@ -8,7 +8,11 @@ no sample at all is one: its failures.jsonl, when it got that far, says why each
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,12 +20,13 @@ import typer
 
 from sgdata import api
 from sgdata.format.errors import UserError
+from sgdata.sources.base import Option
 
 app = typer.Typer(
     name="sgdata", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
     help="Build, inspect and verify sharded WebDataset datasets for referring segmentation.",
 )
-build_app = typer.Typer(no_args_is_help=True, help="Build shards from a RefCOCO-family dataset or a caption corpus.")
+build_app = typer.Typer(no_args_is_help=True, help="Build shards from one of the sources below (one command each).")
 app.add_typer(build_app, name="build")
 
 Out = Annotated[Path, typer.Option("--out", help="Output folder (on storage every node sees when joining a cluster).")]
@@ -66,47 +71,52 @@ def _report_build(summary: dict) -> None:
         _fail(f"{len(summary['failed_shards'])} shard(s) failed; rerun the same command to retry them.", 1)
 
 
-@build_app.command("refcoco")
-@user_errors
-def build_refcoco(
-    refer_root: Annotated[Path, typer.Option(
-        "--refer-root", help="refer toolkit data root (ROOT/<dataset>/instances.json, refs(<splitBy>).p).")],
-    images: Annotated[Path, typer.Option("--images", help="Folder of the COCO train2014 images.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="refcoco, refcoco+ or refcocog.")],
-    split_by: Annotated[str, typer.Option("--split-by", help="unc, umd or google.")],
-    out: Out,
-    splits: Annotated[Optional[str], typer.Option(
-        "--splits", help="Comma-separated splits (default: all), e.g. val,testA.")] = None,
-    workers: Workers = None,
-    ray_address: RayAddress = None,
-    max_size: MaxSize = None,
-    shard_size: ShardSize = 1000,
-    overwrite: Overwrite = False,
-) -> None:
-    """Shards of a RefCOCO-family dataset: one sample per image with every ref, sentence and mask."""
-    summary = api.build_refcoco(refer_root, images, dataset, split_by, out, splits=splits, workers=workers,
-                                ray_address=ray_address, max_size=max_size, shard_size=shard_size,
-                                overwrite=overwrite, progress=True)
-    _report_build(summary)
+def _typer_parameter(option: Option) -> inspect.Parameter:
+    """One declared source option as the typer parameter of its build command."""
+    kind = {"path": Path, "text": str, "int": int, "splits": str}[option.type]
+    if option.argument:
+        info = typer.Argument(metavar=option.flag, help=option.help)
+    else:
+        info = typer.Option(option.flag, help=option.help)
+    annotation = Annotated[kind if option.required else Optional[kind], info]
+    default = inspect.Parameter.empty if option.required else None
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-@build_app.command("captions")
-@user_errors
-def build_captions(
-    src: Annotated[Path, typer.Argument(
-        metavar="SRC", help="A folder of images with same-stem .txt/.json captions, or a jsonl/csv/tsv/parquet table.",
-    )],
-    out: Out,
-    workers: Workers = None,
-    ray_address: RayAddress = None,
-    max_size: MaxSize = None,
-    shard_size: ShardSize = 1000,
-    overwrite: Overwrite = False,
-) -> None:
-    """Shards of an image-caption corpus (split "train"): one sample per image with all its captions."""
-    summary = api.build_captions(src, out, workers=workers, ray_address=ray_address, max_size=max_size,
-                                 shard_size=shard_size, overwrite=overwrite, progress=True)
-    _report_build(summary)
+# The options every build command takes besides its source's own (in the order --help shows them).
+BUILD_PARAMETERS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+    for name, annotation, default in (
+        ("out", Out, inspect.Parameter.empty), ("workers", Workers, None), ("ray_address", RayAddress, None),
+        ("max_size", MaxSize, None), ("shard_size", ShardSize, 1000), ("overwrite", Overwrite, False),
+    )
+]
+
+
+def _add_build_command(command: str) -> None:
+    """`sgdata build COMMAND`: the flags of its sources' declared options, then the common build options."""
+    from sgdata.sources import registry
+
+    def run(**values) -> None:
+        summary = api.build(command, progress=True, **values)
+        _report_build(summary)
+
+    parameters = [_typer_parameter(o) for o in registry.command_options(command)] + BUILD_PARAMETERS
+    run.__signature__ = inspect.Signature(parameters)
+    run.__annotations__ = {p.name: p.annotation for p in parameters}
+    run.__name__ = run.__qualname__ = f"build_{command}"
+    run.__doc__ = registry.commands()[command][0].help
+    build_app.command(command)(user_errors(run))
+
+
+def _add_build_commands() -> None:
+    from sgdata.sources import registry
+
+    for command in registry.commands():
+        _add_build_command(command)
+
+
+_add_build_commands()
 
 
 @app.command("inspect")
@@ -171,6 +181,34 @@ def synth_command(
     refer_root = api.synth(out, images=images, seed=seed, progress=True)
     typer.echo(f"wrote {images} images; build shards with:\n  sgdata build refcoco --refer-root {refer_root} "
                f"--images {Path(out) / 'images'} --dataset synthref --split-by unc --out SHARDS")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record arrives (test runners swap it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging() -> None:
+    """The library's log records on stderr as `sgdata: ...`: warnings by default, everything (with the
+    traceback of each failed shard) when SGDATA_DEBUG is set."""
+    logger = logging.getLogger("sgdata")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("sgdata: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if os.environ.get("SGDATA_DEBUG") else logging.WARNING)
+
+
+@app.callback()
+def _setup() -> None:
+    configure_logging()
 
 
 def main() -> None:

@@ -77,22 +77,28 @@ def load_refs(path: str | Path) -> list[dict]:
     return refs
 
 
-def load_instances(path: str | Path) -> dict:
-    """A COCO instances.json with its 'images' and 'annotations' lists ('categories' defaults to [])."""
+def load_json(path: str | Path, what: str) -> Any:
+    """The JSON document at `path`; every way it cannot be read is one UserError naming `what` and the path."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            instances = json.load(handle)
+            return json.load(handle)
     except FileNotFoundError:
-        raise UserError(f"instances file {path} does not exist.") from None
+        raise UserError(f"{what} {path} does not exist.") from None
     except IsADirectoryError:
-        raise UserError(f"instances file {path} is a directory, not a JSON file.") from None
+        raise UserError(f"{what} {path} is a directory, not a JSON file.") from None
     except OSError as exc:
-        raise UserError(f"instances file {path} cannot be read ({exc.strerror or exc}).") from None
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc}).") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"instances file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from None
+        raise UserError(f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from None
     except (UnicodeDecodeError, RecursionError, ValueError) as exc:
-        raise UserError(f"instances file {path} is not valid JSON ({exc}).") from None
+        raise UserError(f"{what} {path} is not valid JSON ({exc}).") from None
+
+
+def load_instances(path: str | Path) -> dict:
+    """A COCO instances.json with its 'images' and 'annotations' lists ('categories' defaults to [])."""
+    path = Path(path)
+    instances = load_json(path, "instances file")
     if not isinstance(instances, dict):
         raise UserError(f"instances file {path} holds a JSON {type(instances).__name__}, not a COCO object.")
     for key in ("images", "annotations"):

@@ -9,15 +9,17 @@ Ray is imported only inside `RayRunner.run`, so the library works without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from sgdata.format.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,8 +56,7 @@ class InProcessRunner:
                     result = fn(task)
                 except Exception as e:  # a shard's fault must not stop the others
                     if attempt == self.retries:
-                        if os.environ.get("SGDATA_DEBUG"):
-                            traceback.print_exc()
+                        logger.debug("shard task %s failed", getattr(task, "index", task), exc_info=True)
                         failed.append(FailedTask(task, _describe(e)))
                 else:
                     on_done(task, result)

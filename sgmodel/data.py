@@ -363,7 +363,7 @@ def check_eval_shards(urls: list[str]) -> str:
         if meta is None:
             continue
         if not any(ref.get("mask") for ref in meta.get("refs", [])):
-            raise UserError(f"shard {url} holds no referring masks (caption shards cannot be evaluated); evaluate on shards from `sgdata build refcoco`")
+            raise UserError(f"shard {url} holds no referring masks (caption shards cannot be evaluated); evaluate on shards from `sgdata build refcoco` or `sgdata build phrasecut`")
         split = split or str(meta.get("split", ""))
     return split
 

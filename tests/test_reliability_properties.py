@@ -29,8 +29,9 @@ from sgdata import masks
 from sgdata.format import SegmentationError, UserError, mask_to_rle, rle_to_mask
 from sgdata.images import fit_size, oriented_size
 from sgdata.sources.base import StoredImage
-from sgdata.sources.captions import parse_caption_file, plan_captions
-from sgdata.sources.refcoco import dumps_sample, finalize
+from sgdata.sources.caption_folder import parse_caption_file
+from sgdata.sources.captions import plan_captions
+from sgdata.sources.refer_sample import dumps_sample, finalize
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -49,9 +49,11 @@ def refcoco_args(refer, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("command, must_mention", [
     ([], ["build", "inspect", "verify", "synth"]),
-    (["build"], ["refcoco", "captions"]),
+    (["build"], ["refcoco", "captions", "phrasecut"]),
     (["build", "refcoco"], ["--refer-root", "--images", "--dataset", "--split-by", "--splits", "--out", "--workers",
-                            "--ray-address", "--max-size", "--shard-size", "--overwrite"]),
+                            "--ray-address", "--max-size", "--shard-size", "--overwrite", "--hub-parquet", "--hub-repo",
+                            "--revision"]),
+    (["build", "phrasecut"], ["--root", "--splits", "--out", "--workers", "--max-size"]),
     (["build", "captions"], ["SRC", "--out", "--workers", "--ray-address", "--max-size"]),
     (["inspect"], ["SHARDS", "--render"]),
     (["verify"], ["OUT"]),
