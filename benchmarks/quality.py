@@ -126,22 +126,24 @@ def candidate_states(out: dict[str, torch.Tensor], index: torch.Tensor, gt_masks
 # ---- scoring a checkpoint -----------------------------------------------------------------------
 
 
+def by_phrase_type(lines: list[dict]) -> dict[str, list[dict]]:
+    """Per-phrase records (`sgmodel evaluate --per-phrase` lines) grouped by sgdata.synth.phrase_type."""
+    groups: dict[str, list[dict]] = {}
+    for line in lines:
+        groups.setdefault(phrase_type(line["sentence"] or ""), []).append(line)
+    order = [k for k in PHRASE_TYPES if k in groups] + sorted(set(groups) - set(PHRASE_TYPES))
+    return {kind: groups[kind] for kind in order}
+
+
 def summarise(acc: MetricAccumulator, point: bool = True) -> dict[str, Any]:
-    """The split metrics plus the same per phrase type (mIoU, PointM, count)."""
+    """The split metrics plus the same per phrase type (mIoU, PointM, count), from the per-phrase records."""
     record: dict[str, Any] = dict(acc.compute())
     record["count"] = len(acc)
-    by_type: dict[str, MetricAccumulator] = {}
-    for row in acc.per_phrase:
-        kind = phrase_type(row["text"] or "")
-        part = by_type.setdefault(kind, MetricAccumulator())
-        part.merge({"intersections": [row["intersection"]], "unions": [row["union"]], "ious": [row["iou"]],
-                    "hits": [row["hit"]], "texts": [row["text"]]})
-    order = [k for k in PHRASE_TYPES if k in by_type] + sorted(set(by_type) - set(PHRASE_TYPES))
     record["by_type"] = {}
-    for kind in order:
-        metrics = by_type[kind].compute()
+    for kind, lines in by_phrase_type(acc.per_phrase_lines()).items():
+        metrics = MetricAccumulator.from_lines(lines).compute()
         record["by_type"][kind] = {"mIoU": metrics["mIoU"], "PointM": metrics["PointM"] if point else None,
-                                   "count": len(by_type[kind])}
+                                   "count": len(lines)}
     if not point:
         record["PointM"] = None
     return record
@@ -154,7 +156,8 @@ def score_model(model: torch.nn.Module, loader, device: torch.device) -> dict[st
     for batch in loader:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out = {k: v.float().cpu() for k, v in model.infer(inputs).items()}
-        accs["model"].update(out["maps"], batch["masks"], batch["texts"])
+        keys = [batch["keys"][i] for i in batch["text_image_index"].tolist()]
+        accs["model"].update(out["maps"], batch["masks"], batch["texts"], keys, batch.get("ref_ids"))
         for name, state in candidate_states(out, batch["text_image_index"], batch["masks"], batch["texts"]).items():
             accs[name].merge(state)
     if len(accs["model"]) == 0:

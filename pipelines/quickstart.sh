@@ -82,7 +82,7 @@ run_stage build-heldout "${SGDATA[@]}" build refcoco --refer-root "$OUT/data/hel
 run_stage train         "$PY" -m sgmodel.train --config configs/demo.yaml --train-shards "$OUT/shards/train" \
     --out "$OUT/run" --feature-cache "$OUT/features" ${STEPS[@]+"${STEPS[@]}"}
 run_stage evaluate      "$PY" -m sgmodel.evaluate --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
-    --out "$OUT/metrics.json" --save-overlays "$OVERLAYS" --overlay-dir "$OUT/overlays"
+    --out "$OUT/metrics.json" --per-phrase "$OUT/per_phrase.jsonl" --save-overlays "$OVERLAYS" --overlay-dir "$OUT/overlays"
 run_stage quality       "$PY" -m benchmarks.quality --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
     --out "$OUT/quality.json" --markdown "$OUT/quality.md"
 

@@ -1,7 +1,8 @@
 """One typed config for model, data and training, in sections.
 
 Defaults are the paper's recipe. A `Config` holds one frozen dataclass per concern: `image` and
-`text` (the encoders), `slots` (shatter), `gather`, `decoder`, `loss`, `data`, `optim` and `run`.
+`text` (the encoders), `slots` (shatter), `gather`, `decoder`, `loss`, `data`, `optim`, `run` and
+`inference` (map to mask).
 Every field name is unique across the sections, so the YAML files in configs/, `--field value` on the
 command line and docs/training.md use the flat names (`dim`, `lr`, ...), and `cfg.dim` reads
 `cfg.slots.dim`. A YAML file may also be written in sections (`slots: {dim: 64}`); the run folder's
@@ -83,6 +84,10 @@ class TextEncoderConfig(Section):
     text_pooling: Literal["cls", "mean"] = "cls"  # "cls" (paper) | "mean" (sentence-transformers models)
     max_text_length: int = setting(40, minimum=2)  # longer phrases are truncated with a warning
     freeze_text_encoder: bool = False
+    # A trainable embedding per word piece, averaged over the phrase and added to the encoder's phrase
+    # vector: a direct handle on single words ("left", "bigger") that a frozen, mean-pooled sentence
+    # vector barely separates (docs/training.md, "Relations").
+    text_word_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,11 @@ class GatherConfig(Section):
     gather_heads: int = setting(4, minimum=1)
     gather_head_dim: int = setting(256, minimum=1)
     gather_query_residual: bool = True  # add the text query to the fused vector (paper: yes)
+    # Each slot's geometry (centroid x and y, log area, spread of its entity map) enters the gather's
+    # keys, times geometry_scale, so a phrase can prefer the leftmost or the larger of the entities
+    # it names (docs/training.md, "Relations").
+    slot_geometry: bool = False
+    geometry_scale: float = setting(10.0, above=0)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,14 @@ class LossConfig(Section):
     # uses the learning-rate warm-up instead, so both default to 0).
     contrastive_warmup_steps: int = setting(0, minimum=0)
     contrastive_ramp_steps: int = setting(0, minimum=0)
+    # Co-reference (docs/training.md): a relational phrase's response map is pulled toward the map of
+    # the attribute phrases that describe the same object (same ref), from optimizer step
+    # `coreference_start` on. Needs shards that group sentences by ref (RefCOCO-style); caption shards
+    # carry no groups, so the term is zero there. The teacher map is cut at `coreference_level` of its
+    # range. 0 = off (the paper's recipe: image-text pairs only).
+    coreference_weight: float = setting(0.0, minimum=0)
+    coreference_start: int = setting(0, minimum=0)
+    coreference_level: float = setting(0.5, above=0)
 
 
 @dataclass(frozen=True)
@@ -181,6 +199,15 @@ class RunConfig(Section):
 
 
 @dataclass(frozen=True)
+class InferenceConfig(Section):
+    """How a response map becomes a mask (sgmodel/inference.py)."""
+
+    # Image-guided refinement of the map at the model's input size (sgmodel/refine.py): iterations of
+    # colour-affinity averaging; 0 = the paper's rule (upsample, normalise, threshold) unchanged.
+    refine_iterations: int = setting(0, minimum=0, resume=True)
+
+
+@dataclass(frozen=True)
 class Config:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -191,6 +218,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __getattr__(self, name: str) -> Any:
         """Flat names read through to their section: cfg.lr is cfg.optim.lr (the names YAML and CLI use)."""

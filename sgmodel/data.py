@@ -36,7 +36,7 @@ from webdataset.tariterators import base_plus_ext
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from sgdata.format import UserError, decode_rgb, parse_mixture, sample_texts
+from sgdata.format import UserError, decode_rgb, parse_mixture, sample_texts, text_refs
 
 # ---- shard lists ---------------------------------------------------------------------------------
 
@@ -86,8 +86,13 @@ def count_samples(urls: list[str]) -> int:
 
 def eval_phrases(sample_json: dict) -> list[tuple[str, dict]]:
     """(phrase, mask RLE) pairs of a referring sample: one per sentence, with its ref's mask."""
+    return [(text, mask) for text, mask, _ in eval_phrase_refs(sample_json)]
+
+
+def eval_phrase_refs(sample_json: dict) -> list[tuple[str, dict, Any]]:
+    """(phrase, mask RLE, ref_id) of a referring sample: one per sentence (ref_id None when not stored)."""
     return [
-        (s["text"].strip(), ref["mask"])
+        (s["text"].strip(), ref["mask"], ref.get("ref_id"))
         for ref in sample_json.get("refs", [])
         if ref.get("mask")
         for s in ref.get("sentences", [])
@@ -131,10 +136,14 @@ def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any
     """Per-image items -> one batch (docs/architecture.md, "The batch")."""
     texts = [t for item in items for t in item["texts"]]
     index = [i for i, item in enumerate(items) for _ in item["texts"]]
+    groups: dict[tuple[int, int], int] = {}  # (image, ref within it) -> a ref id unique in the batch
+    refs = [groups.setdefault((i, r), len(groups)) if r >= 0 else -1
+            for i, item in enumerate(items) for r in item.get("text_refs", [-1] * len(item["texts"]))]
     batch: dict[str, Any] = {
         "keys": [item["key"] for item in items],
         "texts": texts,
         "text_image_index": torch.tensor(index, dtype=torch.long),  # (T,)
+        "text_ref_index": torch.tensor(refs, dtype=torch.long),  # (T,): phrases naming one object share it; -1 unknown
     }
     if "image_tokens" in items[0]:
         batch["image_tokens"] = torch.stack([item["image_tokens"] for item in items]).float()  # (B, N, C)
@@ -142,13 +151,15 @@ def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any
         batch["images"] = torch.stack([item["image"] for item in items])  # (B, 3, H, W) uint8
     if "text_feats" in items[0]:
         batch["text_feats"] = torch.cat([item["text_feats"] for item in items]).float()  # (T, Ct)
-    else:
-        from sgmodel.encoders import tokenize
+    # token ids always: the text encoder reads them, and so does the word-embedding head beside cached features
+    from sgmodel.encoders import tokenize
 
-        batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, texts, max_length)  # (T, L) each
+    batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, texts, max_length)  # (T, L) each
     if "masks" in items[0]:
         batch["masks"] = [m for item in items for m in item["masks"]]  # list (T) of RLE dicts {"size": [H_t, W_t], "counts": str}
         batch["image_sizes"] = torch.tensor([item["size"] for item in items], dtype=torch.long)  # (B, 2) as (h, w)
+    if "ref_ids" in items[0]:
+        batch["ref_ids"] = [r for item in items for r in item["ref_ids"]]  # list (T): stored ref ids (evaluation)
     if "original" in items[0]:
         batch["originals"] = [item["original"] for item in items]  # list (B) of uint8 tensors (H, W, 3)
     return batch
@@ -205,6 +216,7 @@ def _parsed(samples: Iterator[dict], needs_jpg: bool) -> Iterator[dict]:
                 warnings.warn(f"skipped {dropped} sample(s) without phrases or image so far (last: {sample.get('__key__')} in {sample.get('__url__')})")
             continue
         sample["texts"] = texts
+        sample["text_refs"] = text_refs(meta, texts)
         yield sample
 
 
@@ -254,8 +266,9 @@ class TrainStream(IterableDataset):
 
     def _materialise(self, sample: dict, epoch: int) -> dict:
         key, url = sample["__key__"], sample["__url__"]
-        texts = select_texts(sample["texts"], self.max_texts, self.seed, epoch, key)
-        item: dict[str, Any] = {"key": key, "texts": texts}
+        chosen = select_texts(list(range(len(sample["texts"]))), self.max_texts, self.seed, epoch, key)
+        texts = [sample["texts"][i] for i in chosen]
+        item: dict[str, Any] = {"key": key, "texts": texts, "text_refs": [sample["text_refs"][i] for i in chosen]}
         if self.features is not None and self.features.has_images:
             item["image_tokens"] = self.features.image_tokens(url, key)  # (N, C) fp16
         else:
@@ -382,16 +395,17 @@ class EvalStream(IterableDataset):
 
     def _item(self, sample: dict) -> dict | None:
         meta = json.loads(sample["json"])
-        phrases = eval_phrases(meta)
+        phrases = eval_phrase_refs(meta)
         if not phrases:
             warnings.warn(f"sample {sample['__key__']} in {sample['__url__']} has no phrase with a mask; not evaluated")
             return None
         image = decode_rgb(sample["jpg"])
         item = {
             "key": sample["__key__"],
-            "texts": [text for text, _ in phrases],
+            "texts": [text for text, _, _ in phrases],
+            "ref_ids": [ref_id for _, _, ref_id in phrases],  # the stored ref of each phrase (per-phrase results)
             "image": image_to_tensor(image, self.image_size),  # (3, H, W)
-            "masks": [rle for _, rle in phrases],  # list of compressed RLE dicts (H_t, W_t), as stored: scored without decoding
+            "masks": [rle for _, rle, _ in phrases],  # list of compressed RLE dicts (H_t, W_t), as stored: scored without decoding
             "size": (image.height, image.width),
         }
         if self.keep_originals:

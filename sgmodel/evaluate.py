@@ -11,6 +11,7 @@ given checkpoint, it does not select one.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sgdata.format import UserError, expand_shards, rle_to_mask, write_json_atomic
+from sgdata.format import UserError, atomic_write, expand_shards, rle_to_mask, write_json_atomic
 from sgdata.format.drawing import caption_tile, color_for, make_grid, overlay_mask
 from sgmodel.checkpoint import model_from_checkpoint
 from sgmodel.data import check_eval_shards, eval_loader
@@ -48,8 +49,9 @@ def overlay_figure(image: Image.Image, predicted: np.ndarray, text: str, truth: 
 
 @torch.no_grad()
 def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0, device: str = "auto",
-             overlays: int = 0, overlay_dir: Path | None = None) -> dict[str, Any]:
-    """Score every phrase of `shards`; return the metrics.json record (and write up to `overlays` PNGs)."""
+             overlays: int = 0, overlay_dir: Path | None = None, per_phrase: Path | None = None) -> dict[str, Any]:
+    """Score every phrase of `shards`; return the metrics.json record (and write up to `overlays` PNGs,
+    and one JSON line per phrase to `per_phrase`: key, ref_id, sentence, iou, point_hit)."""
     from sgmodel.encoders import build_tokenizer
     from sgmodel.inference import predict_masks
     from sgmodel.metrics import MetricAccumulator
@@ -65,7 +67,8 @@ def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0
     for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
         inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         maps = model.infer(inputs)["maps"].float().cpu()  # (T, h, w)
-        metrics.update(maps, batch["masks"], batch["texts"])
+        keys = [batch["keys"][i] for i in batch["text_image_index"].tolist()]
+        metrics.update(maps, batch["masks"], batch["texts"], keys, batch.get("ref_ids"))
         if saved < overlays:
             index = batch["text_image_index"].tolist()
             # the first phrase of each image before any second one: a grid of overlays shows many scenes
@@ -80,6 +83,10 @@ def evaluate(checkpoint: str, shards: str, batch_size: int = 8, workers: int = 0
                 saved += 1
     if len(metrics) == 0:
         raise UserError(f"the shards {shards!r} hold no phrase with a mask to evaluate")
+    if per_phrase is not None:
+        with atomic_write(per_phrase, "w") as f:
+            for line in metrics.per_phrase_lines():
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return {"metrics": metrics.compute(), "count": len(metrics), "split": split, "checkpoint": str(checkpoint),
             "step": state["step"], "shards": shards}
 
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
     parser.add_argument("--workers", type=int, default=0, help="dataloader worker processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--per-phrase", metavar="FILE.jsonl", help="also write one line per phrase: key, ref_id, sentence, iou, point_hit")
     args = parser.parse_args(argv)
     configure_logging()
     out = Path(args.out)
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         overlay_dir = Path(args.overlay_dir) if args.overlay_dir else out.with_name(f"{out.stem}_overlays")
-        record = evaluate(args.checkpoint, args.shards, args.batch_size, args.workers, args.device, args.save_overlays, overlay_dir)
+        record = evaluate(args.checkpoint, args.shards, args.batch_size, args.workers, args.device, args.save_overlays, overlay_dir,
+                          Path(args.per_phrase) if args.per_phrase else None)
     except UserError as exc:
         logger.error(f"error: {exc}")
         return 2

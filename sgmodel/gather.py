@@ -20,6 +20,27 @@ from sgmodel.config import GatherConfig
 from sgmodel.shatter import FeedForward
 
 
+GEOMETRY_FEATURES = 4
+
+
+def slot_geometry(attn: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Entity maps A (B, K, N) on an (h, w) grid -> (B, K, 4) per slot: centroid x and y (image
+    centre 0, edges +-0.5), log of its share of the image, and spread (rms distance from the centroid).
+
+    Detached: the geometry describes the maps, it does not train them. Relational phrases compare
+    entities by exactly these ("on the left", "the bigger one").
+    """
+    h, w = grid
+    attn = attn.detach().float()
+    ys = ((torch.arange(h, device=attn.device) + 0.5) / h - 0.5).repeat_interleave(w)  # (N,) row-major tokens
+    xs = ((torch.arange(w, device=attn.device) + 0.5) / w - 0.5).repeat(h)  # (N,)
+    mass = attn.sum(dim=-1, keepdim=True) + 1e-6  # (B, K, 1)
+    cx = (attn * xs).sum(dim=-1, keepdim=True) / mass
+    cy = (attn * ys).sum(dim=-1, keepdim=True) / mass
+    spread = ((attn * ((xs - cx) ** 2 + (ys - cy) ** 2)).sum(dim=-1, keepdim=True) / mass).sqrt()
+    return torch.cat([cx, cy, torch.log(mass / attn.shape[-1]), spread], dim=-1)
+
+
 class TextGather(nn.Module):
     """Its own section plus the widths it shares with the slots: joint width `dim`, feed-forward
     `mlp_ratio` and `dropout` (config section `slots`)."""
@@ -40,6 +61,10 @@ class TextGather(nn.Module):
         self.norm_ffn = nn.LayerNorm(d)
         self.ffn = FeedForward(d, mlp_ratio, dropout)
         self.norm_final = nn.LayerNorm(d)
+        # where each slot's entity is and how large (slot_geometry): added to the keys only, so it
+        # decides which slots a phrase picks, not what the fused vector says
+        self.geometry = nn.Linear(GEOMETRY_FEATURES, inner, bias=False) if cfg.slot_geometry else None
+        self.geometry_scale = cfg.geometry_scale
 
     def forward(
         self,
@@ -47,8 +72,9 @@ class TextGather(nn.Module):
         slots: torch.Tensor,
         text_image_index: torch.Tensor | None = None,
         return_weights: bool = False,
+        geometry: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """text (T, d), slots (B, K, d).
+        """text (T, d), slots (B, K, d), geometry (B, K, 4) from `slot_geometry` (needed when configured).
 
         text_image_index None (training): every pair -> z (B, T, d), w (B, T, K) or None.
         text_image_index (T,) given (inference): each text with its own image only -> z (T, d), w (T, K).
@@ -58,7 +84,10 @@ class TextGather(nn.Module):
         h, hd = self.heads, self.head_dim
         q = self.to_q(self.norm_query(text)).view(t, h, hd)  # (T, H, hd)
         kv = self.norm_slots(slots)
-        keys = self.to_k(kv).view(b, k, h, hd).transpose(1, 2)  # (B, H, K, hd)
+        keys = self.to_k(kv)  # (B, K, inner)
+        if self.geometry is not None:
+            keys = keys + self.geometry(geometry.to(keys.dtype) * self.geometry_scale)
+        keys = keys.view(b, k, h, hd).transpose(1, 2)  # (B, H, K, hd)
         values = self.to_v(kv).view(b, k, h, hd).transpose(1, 2)  # (B, H, K, hd)
         if text_image_index is None:
             q = q.transpose(0, 1).unsqueeze(0).expand(b, h, t, hd)  # (B, H, T, hd): all pairs

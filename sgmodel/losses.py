@@ -126,3 +126,55 @@ def entailed_phrase_mask(texts: list[str], image_texts: list[list[str]]) -> torc
     rows, cols = (missing == 0).nonzero(as_tuple=True)
     mask[rows, torch.tensor([i for i, _ in phrases])[cols]] = True
     return mask
+
+
+# ---- co-reference: what image-level matching cannot teach --------------------------------------------
+
+
+def relational_phrase(text: str) -> bool:
+    """Whether a phrase singles its object out by comparing it with others (a word of RELATION_WORDS,
+    or a superlative in -most: "leftmost", "uppermost").
+
+    A short list of English spatial and size words, on purpose: it is a language prior that carries to
+    any English referring data (RefCOCO leans on exactly these words), not a data set's wording.
+    """
+    words = normalize_phrase(text).replace(",", " ").split()
+    return any(w in RELATION_WORDS or (w.endswith("most") and len(w) > 4) for w in words)
+
+
+def coreference_teachers(texts: list[str], ref_index: torch.Tensor) -> torch.Tensor:
+    """(T, T) float: row j averages the phrases that teach phrase j, all zero when none does.
+
+    Phrase j is taught when it is relational and other phrases of its ref (the same object) are not:
+    those attribute phrases ("the red circle") are grounded by image-text matching alone, and their
+    maps say where the object is. Teaching goes one way only: two learners teaching each other
+    collapse onto a shared slot.
+    """
+    relational = torch.tensor([relational_phrase(t) for t in texts], dtype=torch.bool)
+    refs = ref_index.cpu()
+    same_ref = (refs[:, None] == refs[None, :]) & (refs[:, None] >= 0)  # (T, T)
+    teaches = same_ref & relational[:, None] & ~relational[None, :]  # row: learner, column: teacher
+    counts = teaches.sum(dim=1, keepdim=True).clamp(min=1)
+    return teaches.float() / counts
+
+
+def coreference_loss(maps: torch.Tensor, teachers: torch.Tensor, level: float = 0.5) -> torch.Tensor:
+    """KL divergence from the teachers' mask to each learner's response map, over the image's tokens.
+
+    maps (T, N): each phrase's response map M = sum_k w_k A_k on its own image (A detached by the
+    caller: the term moves which slots a phrase picks, not the entity maps' shapes). teachers (T, T) from
+    `coreference_teachers`. The teacher map (mean of the teachers' maps, stop-gradient) is min-max
+    normalised and cut at `level` into a mask, read as a uniform distribution over its tokens; the
+    learner's map, normalised to a distribution over tokens, should match it: zero when the learner
+    covers exactly the teachers' mask, large when its mass lies elsewhere. Learners with no teacher add
+    nothing; the mean is over learners (0 when there are none).
+    """
+    has_teacher = teachers.sum(dim=1) > 0  # (T,)
+    target = teachers.to(maps.dtype) @ maps.detach()  # (T, N)
+    low, high = target.aminmax(dim=1, keepdim=True)
+    inside = (target >= low + level * (high - low)).to(maps.dtype)
+    target = inside / inside.sum(dim=1, keepdim=True).clamp(min=1)
+    learner = maps / maps.sum(dim=1, keepdim=True).clamp(min=1e-8)
+    per_phrase = (target * (torch.log(target.clamp(min=1e-12)) - torch.log(learner + 1e-8))).sum(dim=1)  # (T,)
+    weight = has_teacher.to(maps.dtype)
+    return (per_phrase * weight).sum() / weight.sum().clamp(min=1)

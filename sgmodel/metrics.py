@@ -37,12 +37,15 @@ class MetricAccumulator:
         self.ious: list[float] = []
         self.hits: list[bool] = []
         self.texts: list[str | None] = []
+        self.keys: list[str | None] = []
+        self.ref_ids: list[Any] = []
 
     def __len__(self) -> int:
         return len(self.ious)
 
     @torch.no_grad()
-    def update(self, maps: torch.Tensor, gt_masks: list[Any], texts: list[str] | None = None) -> None:
+    def update(self, maps: torch.Tensor, gt_masks: list[Any], texts: list[str] | None = None,
+               keys: list[str] | None = None, ref_ids: list[Any] | None = None) -> None:
         """maps (T, h, w) response maps (any resolution); gt_masks: T masks (H_t, W_t), each an RLE dict
         as the shards store it ({"size": [H, W], "counts": str}), a sgmodel.mask_runs.MaskRuns, or a
         dense bool tensor/array."""
@@ -57,6 +60,8 @@ class MetricAccumulator:
         self.ious += iou.tolist()
         self.hits += hits.tolist()
         self.texts += list(texts) if texts is not None else [None] * count
+        self.keys += list(keys) if keys is not None else [None] * count  # the sample of each phrase
+        self.ref_ids += list(ref_ids) if ref_ids is not None else [None] * count
 
     def compute(self) -> dict[str, float]:
         """Fractions in [0, 1]; all zeros before any update."""
@@ -73,13 +78,25 @@ class MetricAccumulator:
             out[f"Prec@{x}"] = (iou > x).double().mean().item()
         return out
 
-    @property
-    def per_phrase(self) -> list[dict]:
-        """One record per phrase, in update order: for breakdowns by phrase type."""
+    def per_phrase_lines(self) -> list[dict]:
+        """One JSON-ready record per phrase, for error analysis (`sgmodel evaluate --per-phrase`):
+        key, ref_id (None where the shards store none), sentence, iou, point_hit, and the pixel counts
+        that make cIoU. `from_lines` turns any subset back into metrics."""
         return [
-            {"iou": iou, "hit": hit, "text": text, "intersection": i, "union": u}
-            for iou, hit, text, i, u in zip(self.ious, self.hits, self.texts, self.intersections, self.unions)
+            {"key": key, "ref_id": ref, "sentence": text, "iou": iou, "point_hit": bool(hit), "intersection": i, "union": u}
+            for key, ref, text, iou, hit, i, u in zip(self.keys, self.ref_ids, self.texts, self.ious, self.hits,
+                                                      self.intersections, self.unions)
         ]
+
+    @classmethod
+    def from_lines(cls, lines: list[dict]) -> "MetricAccumulator":
+        """An accumulator holding these per-phrase records (`per_phrase_lines`), e.g. one phrase type's."""
+        acc = cls()
+        acc.merge({"intersections": [int(r["intersection"]) for r in lines], "unions": [int(r["union"]) for r in lines],
+                   "ious": [float(r["iou"]) for r in lines], "hits": [bool(r["point_hit"]) for r in lines],
+                   "texts": [r.get("sentence") for r in lines], "keys": [r.get("key") for r in lines],
+                   "ref_ids": [r.get("ref_id") for r in lines]})
+        return acc
 
     def state(self) -> dict:
         """Plain lists (picklable), e.g. for all_gather_object across evaluation ranks."""
@@ -89,9 +106,12 @@ class MetricAccumulator:
             "ious": self.ious,
             "hits": self.hits,
             "texts": self.texts,
+            "keys": self.keys,
+            "ref_ids": self.ref_ids,
         }
 
     def merge(self, state: dict) -> None:
-        """Add another accumulator's state() (another rank's phrases)."""
-        for name, values in state.items():
-            getattr(self, name).extend(values)
+        """Add another accumulator's state() (another rank's phrases); lists it lacks are filled with None."""
+        count = len(state["ious"])
+        for name in ("intersections", "unions", "ious", "hits", "texts", "keys", "ref_ids"):
+            getattr(self, name).extend(state.get(name, [None] * count))

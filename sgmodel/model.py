@@ -23,9 +23,10 @@ from sgmodel import distributed
 from sgmodel.config import Config
 from sgmodel.decoder import SpatialBroadcastDecoder
 from sgmodel.encoders import build_image_encoder, build_text_encoder, build_tokenizer
-from sgmodel.gather import TextGather
+from sgmodel.gather import TextGather, slot_geometry
 from sgmodel.inference import combine_slot_maps
-from sgmodel.losses import contrastive_loss, duplicate_phrase_mask, reconstruction_loss
+from sgmodel.refine import refine_maps
+from sgmodel.losses import coreference_loss, coreference_teachers, contrastive_loss, duplicate_phrase_mask, reconstruction_loss
 from sgmodel.shatter import EntitySlotAttention
 
 MAX_LOGIT_SCALE = 100.0
@@ -38,16 +39,22 @@ class ShatterAndGather(nn.Module):
         super().__init__()
         self.cfg = cfg
         seed = cfg.run.seed  # random encoder weights depend on it alone
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.text)
         self.image_encoder = build_image_encoder(cfg.image, seed)
-        self.text_encoder = build_text_encoder(cfg.text, tokenizer if tokenizer is not None else build_tokenizer(cfg.text), seed)
+        self.text_encoder = build_text_encoder(cfg.text, tokenizer, seed)
         channels = self.image_encoder.out_dim
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
         self.shatter = EntitySlotAttention(cfg.slots, channels)
         self.text_proj = nn.Linear(self.text_encoder.out_dim, cfg.slots.dim)  # "[CLS] -> linear layer to d"
+        if cfg.text.text_word_embedding:  # a trainable vector per word piece beside the encoder's phrase vector
+            self.word_embedding = nn.Embedding(len(tokenizer), cfg.slots.dim)
+            nn.init.normal_(self.word_embedding.weight, std=0.02)
+            self.word_norm = nn.LayerNorm(cfg.slots.dim)  # its scale matches the projected phrase vector's at once
+            self.register_buffer("special_token_ids", torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long), persistent=False)
         self.gather = TextGather(cfg.gather, cfg.slots.dim, cfg.slots.mlp_ratio, cfg.slots.dropout)
         self.decoder = SpatialBroadcastDecoder(cfg.decoder, cfg.slots.dim, channels) if cfg.loss.recon_weight > 0 else None
-        if cfg.loss.contrastive_warmup_steps > 0 or cfg.loss.contrastive_ramp_steps > 0:
+        if cfg.loss.contrastive_warmup_steps > 0 or cfg.loss.contrastive_ramp_steps > 0 or cfg.loss.coreference_start > 0:
             # training steps seen, kept in the state dict so a resumed run continues the schedule
             self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         log_scale = torch.tensor(math.log(cfg.loss.logit_scale))
@@ -103,6 +110,11 @@ class ShatterAndGather(nn.Module):
 
     def text_embedding(self, batch: dict) -> torch.Tensor:
         t = self.text_proj(self.text_features(batch))  # (T, d)
+        if hasattr(self, "word_embedding"):
+            ids = batch["input_ids"].to(t.device)  # (T, L)
+            words = batch["attention_mask"].to(t.device).bool() & ~torch.isin(ids, self.special_token_ids)  # (T, L)
+            summed = (self.word_embedding(ids) * words.unsqueeze(-1).to(t.dtype)).sum(dim=1)  # (T, d)
+            t = t + self.word_norm(summed / words.sum(dim=1, keepdim=True).clamp(min=1).to(t.dtype))
         return nn.functional.normalize(t, dim=-1) if self.cfg.loss.normalize_text else t
 
     def logit_scale(self) -> torch.Tensor:
@@ -118,24 +130,38 @@ class ShatterAndGather(nn.Module):
         split is what lets `compile_stages` compile the step without recompiling per batch.
         """
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        tokens, grid, slots, text = self._encode(tensors)  # (B, N, C), (h, w), (B, K, d), (T, d)
-        negatives, offset, excluded = self._negatives(slots, batch)  # (B_all, K, d), int, (T, B_all) or None
-        weight = torch.tensor(self.contrastive_weight(), dtype=torch.float32)  # () on the CPU
-        out = self._losses(tokens, grid, slots, text, tensors["text_image_index"], negatives, offset, excluded, weight)
+        tokens, grid, slots, attn, text = self._encode(tensors)  # (B, N, C), (h, w), (B, K, d), (B, K, N), (T, d)
+        geometry = slot_geometry(attn, grid) if self.gather.geometry is not None else None  # (B, K, 4)
+        # the geometry travels with the slots to the other ranks' texts, as one tensor
+        keyed = torch.cat([slots, geometry.to(slots.dtype)], dim=-1) if geometry is not None else slots
+        negatives, offset, excluded = self._negatives(keyed, batch)  # (B_all, K, d[+4]), int, (T, B_all) or None
+        step = self._schedule_step()
+        weight = torch.tensor(self.contrastive_weight(step), dtype=torch.float32)  # () on the CPU
+        teachers = None
+        if self.cfg.loss.coreference_weight > 0:
+            ref_index = tensors.get("text_ref_index", torch.full((len(batch["texts"]),), -1, dtype=torch.long))
+            teachers = coreference_teachers(batch["texts"], ref_index).to(text.device)  # (T, T)
+        started = step >= self.cfg.loss.coreference_start
+        coref_weight = torch.tensor(self.cfg.loss.coreference_weight if started else 0.0, dtype=torch.float32)
+        out = self._losses(tokens, grid, slots, attn, geometry, text, tensors["text_image_index"], negatives, offset,
+                           excluded, weight, teachers, coref_weight)
         if hasattr(self, "steps_seen"):
             out["contrastive_weight"] = weight
         return out
 
-    def _encode(self, tensors: dict) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, torch.Tensor]:
-        """Stage 1: image tokens (B, N, C) on their (h, w) grid, slots (B, K, d), phrase embeddings (T, d)."""
+    def _encode(self, tensors: dict) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 1: image tokens (B, N, C) on their (h, w) grid, slots (B, K, d), entity maps (B, K, N), phrase embeddings (T, d)."""
         tokens = self.image_tokens(tensors)  # (B, N, C)
         grid = self.token_grid(tensors, tokens.shape[1])
-        slots, _ = self.shatter(tokens, grid)  # (B, K, d)
-        return tokens, grid, slots, self.text_embedding(tensors)
+        slots, attn = self.shatter(tokens, grid)  # (B, K, d), (B, K, N)
+        return tokens, grid, slots, attn, self.text_embedding(tensors)
 
-    def _losses(self, tokens, grid, slots, text, index, negatives, offset, excluded, weight) -> dict[str, torch.Tensor]:
-        """Stage 2: the contrastive loss over the negatives, the reconstruction loss, their weighted sum."""
-        z, _ = self.gather(text, negatives)  # (B_all, T, d)
+    def _losses(self, tokens, grid, slots, attn, geometry, text, index, negatives, offset, excluded, weight,
+                teachers=None, coref_weight=None) -> dict[str, torch.Tensor]:
+        """Stage 2: the contrastive loss over the negatives, the reconstruction and co-reference losses, their weighted sum."""
+        d = slots.shape[-1]
+        negative_geometry = negatives[..., d:] if geometry is not None else None  # (B_all, K, 4)
+        z, _ = self.gather(text, negatives[..., :d], geometry=negative_geometry)  # (B_all, T, d)
         scale = self.logit_scale()
         contrastive, accuracy = contrastive_loss(text, z, index.to(text.device), scale, excluded, offset)
         if self.decoder is not None:
@@ -146,13 +172,17 @@ class ShatterAndGather(nn.Module):
         # weight: a 0-dim CPU tensor, not a float, so a changing schedule never recompiles; it multiplies a
         # tensor on any device without a copy to it
         loss = weight * contrastive + self.cfg.loss.recon_weight * reconstruction
-        return {
-            "loss": loss,
-            "contrastive": contrastive.detach(),
-            "reconstruction": reconstruction.detach(),
-            "accuracy": accuracy,
-            "logit_scale": scale.detach(),
-        }
+        out = {"contrastive": contrastive.detach(), "reconstruction": reconstruction.detach(), "accuracy": accuracy,
+               "logit_scale": scale.detach()}
+        if teachers is not None:
+            index = index.to(text.device)
+            _, weights = self.gather(text, slots, text_image_index=index, return_weights=True, geometry=geometry)  # (T, K)
+            maps = (weights.unsqueeze(-1) * attn.detach()[index].to(weights.dtype)).sum(dim=1)  # (T, N): each phrase on its image
+            coreference = coreference_loss(maps.float(), teachers, self.cfg.loss.coreference_level)
+            loss = loss + coref_weight * coreference
+            out["coreference"] = coreference.detach()
+        out["loss"] = loss
+        return out
 
     def compile_stages(self, **options) -> None:
         """torch.compile the two stages of the training forward (config `compile`); inference stays eager.
@@ -165,21 +195,25 @@ class ShatterAndGather(nn.Module):
         self._encode = torch.compile(self._encode, **options)
         self._losses = torch.compile(self._losses, **options)
 
-    def contrastive_weight(self) -> float:
-        """1, or the warm-up schedule's weight at this training step (counted here: one forward per step).
+    def _schedule_step(self) -> int:
+        """This training step's number for the loss schedules (counted here: one forward per step).
 
         The count lives in the `steps_seen` buffer (saved with the model, so a resumed run continues the
-        schedule) and in a host copy read from it once after building or loading: reading the buffer
-        each step would make the step wait for the GPU.
+        schedules) and in a host copy read from it once after building or loading: reading the buffer
+        each step would make the step wait for the GPU. Without a schedule there is no count: 0.
         """
         if not hasattr(self, "steps_seen"):
-            return 1.0
+            return 0
         if getattr(self, "_host_steps_seen", None) is None:
             self._host_steps_seen = int(self.steps_seen)
         step = self._host_steps_seen
         if self.training:
             self.steps_seen += 1
             self._host_steps_seen += 1
+        return step
+
+    def contrastive_weight(self, step: int) -> float:
+        """1, or the warm-up schedule's weight at training step `step`."""
         warm, ramp = self.cfg.loss.contrastive_warmup_steps, self.cfg.loss.contrastive_ramp_steps
         if step < warm:
             return 0.0
@@ -222,7 +256,10 @@ class ShatterAndGather(nn.Module):
 
     @torch.no_grad()
     def infer(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Response maps on the token grid: maps (T, h, w) = Σ_k w[t,k]·A[img(t),k], slot_maps (B, K, h, w), weights (T, K).
+        """Response maps: maps (T, h, w) = Σ_k w[t,k]·A[img(t),k] on the token grid, slot_maps (B, K, h, w), weights (T, K).
+
+        With `refine_iterations` and images in the batch, maps are refined at the input size instead
+        (T, H_in, W_in): upsampled, normalised and sharpened along the picture's edges (sgmodel/refine.py).
 
         Runs in eval mode with the fixed slot noise, so a phrase's map does not depend on the batch it
         came in or on the call: evaluation is reproducible.
@@ -235,11 +272,14 @@ class ShatterAndGather(nn.Module):
             slots, attn = self.shatter(tokens, grid, deterministic=True)  # (B, K, d), (B, K, N)
             text = self.text_embedding(batch)  # (T, d)
             index = batch["text_image_index"].to(text.device)
-            _, weights = self.gather(text, slots, text_image_index=index, return_weights=True)  # (T, K)
+            geometry = slot_geometry(attn, grid) if self.gather.geometry is not None else None
+            _, weights = self.gather(text, slots, text_image_index=index, return_weights=True, geometry=geometry)  # (T, K)
         finally:
             self.train(was_training)
         slot_maps = attn.float().view(attn.shape[0], attn.shape[1], *grid)  # (B, K, h, w)
         maps = combine_slot_maps(weights.float(), slot_maps, index)  # (T, h, w)
+        if self.cfg.inference.refine_iterations > 0 and "images" in batch:
+            maps = refine_maps(maps, batch["images"], index, self.cfg.inference.refine_iterations)  # (T, H_in, W_in)
         return {"maps": maps, "slot_maps": slot_maps, "weights": weights.float()}
 
     # ---- optimiser -----------------------------------------------------------------------------

@@ -135,11 +135,15 @@ class Segmenter:
         texts = clean_phrases(texts)
         if not images:
             return []
+        from sgmodel.data import image_to_tensor
+
         tokens, _ = self.image_tokens(images)  # (B, N, C)
         input_ids, attention_mask = tokenize(self.tokenizer, texts, self.max_text_length)  # (P, L) each
         count, phrases = len(images), len(texts)
         batch = {
             "image_tokens": tokens,
+            # the pixels at the input size as well: the prediction rule's refinement step reads them
+            "images": torch.stack([image_to_tensor(image, self.image_size) for image in images]).to(self.device),
             "input_ids": input_ids.repeat(count, 1).to(self.device),  # (B·P, L): image b's phrases at b·P...
             "attention_mask": attention_mask.repeat(count, 1).to(self.device),
             "text_image_index": torch.arange(count, device=self.device).repeat_interleave(phrases),  # (B·P,)

@@ -65,6 +65,27 @@ def test_evaluate_writes_metrics_json_deterministically(trained, tmp_path):
     assert split_up["metrics"] == pytest.approx(record["metrics"], abs=1e-12)
 
 
+def test_per_phrase_lines_add_up_to_the_aggregate_metrics(trained, tmp_path):
+    from sgmodel.metrics import MetricAccumulator
+
+    lines_file = tmp_path / "per_phrase.jsonl"
+    args = ["--checkpoint", trained["checkpoint"], "--shards", str(trained["root"] / "val"), "--out", str(tmp_path / "m.json"),
+            "--batch-size", "2", "--per-phrase", str(lines_file)]
+    assert evaluate_module.main(args) == 0
+    record = json.loads((tmp_path / "m.json").read_text())
+    lines = [json.loads(line) for line in lines_file.read_text().splitlines()]
+    assert len(lines) == record["count"]
+    assert {"key", "ref_id", "sentence", "iou", "point_hit"} <= set(lines[0])
+    assert np.mean([line["iou"] for line in lines]) == pytest.approx(record["metrics"]["mIoU"], abs=1e-12)
+    assert np.mean([line["point_hit"] for line in lines]) == pytest.approx(record["metrics"]["PointM"], abs=1e-12)
+    assert MetricAccumulator.from_lines(lines).compute() == pytest.approx(record["metrics"], abs=1e-12)
+    # every line names its stored ref, and the sentence is one of that ref's; the three images are named
+    refs = {ref["ref_id"]: ref for url in trained["val"] for _, meta in _samples(url) for ref in meta["refs"]}
+    for line in lines:
+        assert line["sentence"] in [s["text"] for s in refs[line["ref_id"]]["sentences"]]
+    assert len({line["key"] for line in lines}) == 3
+
+
 def test_evaluate_agrees_with_a_per_phrase_computation_through_predict(trained, tmp_path):
     """mIoU from the batched evaluator == mean IoU of predict's masks against each decoded mask."""
     record = evaluate_module.evaluate(trained["checkpoint"], trained["val"][0], batch_size=2)

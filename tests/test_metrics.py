@@ -52,8 +52,8 @@ def test_batched_metrics_match_the_per_sample_reference(seed):
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-3), name
         assert 0.0 <= got[name] <= 1.0
-    per_phrase = acc.per_phrase
-    assert [p["text"] for p in per_phrase] == [f"p{i}" for i in range(len(masks))]
+    per_phrase = acc.per_phrase_lines()
+    assert [p["sentence"] for p in per_phrase] == [f"p{i}" for i in range(len(masks))]
     assert len(acc) == len(masks)
 
 

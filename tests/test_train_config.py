@@ -122,7 +122,7 @@ def test_the_written_config_is_sectioned_and_reads_back(tmp_path):
     cfg = load_config(ROOT / "configs" / "demo.yaml", {"max_steps": "7"})
     write_config(cfg, tmp_path / "config.yaml")
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert list(written) == ["image", "text", "slots", "gather", "decoder", "loss", "data", "optim", "run"]
+    assert list(written) == ["image", "text", "slots", "gather", "decoder", "loss", "data", "optim", "run", "inference"]
     assert written["optim"]["max_steps"] == 7 and written["image"]["image_size"] == [192, 256]
     assert load_config(tmp_path / "config.yaml") == cfg
 
@@ -155,7 +155,7 @@ def test_resume_may_change_exactly_the_fields_whose_metadata_says_so(tmp_path):
     out, saved = _checkpointed_run(tmp_path)
     changed = {"train_shards": "other", "workers": "3", "feature_cache": "/tmp/features", "epochs": "7", "max_steps": "9",
                "out": str(out), "nan_policy": "skip", "compile": "true", "log_every": "3", "checkpoint_every": "4",
-               "rank_logs": "true"}
+               "rank_logs": "true", "refine_iterations": "3"}
     assert set(changed) == set(resumable_fields())
     cfg, state = _resume(out, changed)
     assert state["step"] == 2

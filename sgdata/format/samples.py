@@ -39,3 +39,20 @@ def sample_texts(meta: dict[str, Any], files: dict[str, bytes] | None = None) ->
     else:
         texts = []
     return list(dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip()))
+
+
+def text_refs(meta: dict[str, Any], texts: list[str]) -> list[int]:
+    """For each phrase of `sample_texts`, the index of the one ref it describes, or -1.
+
+    Sentences of one ref name the same object, which is what lets a trainer use co-reference
+    (docs/training.md, "Co-reference"). A phrase no ref holds (a caption) or one that two refs share
+    (RefCOCO repeats sentences across refs) has no single referent: -1.
+    """
+    owners: dict[str, set[int]] = {}
+    for index, ref in enumerate(meta.get("refs", []) or []):
+        if not isinstance(ref, dict):
+            continue
+        for s in ref.get("sentences", []):
+            if isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip():
+                owners.setdefault(s["text"].strip(), set()).add(index)
+    return [next(iter(owners[t])) if len(owners.get(t, ())) == 1 else -1 for t in texts]
