@@ -35,7 +35,7 @@ from typing import Any
 from benchmarks.common import ROOT, current_rss_bytes, median, peak_rss_bytes, reset_peak_rss, result, run_child
 
 PUBLIC_CODE = {"samples_per_s": 0.47, "peak_rss_gb": 7.0, "batch": 8,
-               "note": "public implementation, measured on this machine kind (DESIGN.md §5)"}
+               "note": "public implementation, measured earlier on this machine kind (docs/benchmarks.md)"}
 CONFIGS = {
     # name: (config file or None for the paper defaults, vocabulary size, tokens per phrase, batch, compiled)
     "paper": (None, 30522, 12, 8, False),

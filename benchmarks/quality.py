@@ -1,5 +1,5 @@
 """The quality benchmark: how well a trained checkpoint segments from phrases, against what simple
-priors and the model's own slots would give (issue 10).
+priors and the model's own slots would give (docs/results.md).
 
     python -m benchmarks.quality --checkpoint RUN/checkpoint.pt --shards HELDOUT/val --out RUN/quality.json
     python -m benchmarks.quality --watch RUN --until-step 1200 --shards HELDOUT/val --out RUN/curve.jsonl

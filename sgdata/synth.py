@@ -49,8 +49,8 @@ PHRASE_TYPES = ("colour+shape", "shape", "colour", "left/right", "bigger/smaller
 # How often each type is picked for an object (among the types that can single it out). Relational
 # phrases are a minority (about a fifth): from image-text pairs alone "left" cannot be told from
 # "right" (mirroring every image and swapping the two words leaves the training data unchanged, so
-# no loss prefers either reading; docs/synthetic-data.md), and DESIGN §7's scenes, on which the
-# demo's quality floor was set, held few of them.
+# no loss prefers either reading; docs/synthetic-data.md), and the small-scale scenes on which the
+# demo's quality floor was set held few of them (docs/method.md).
 PHRASE_TYPE_WEIGHTS = {"colour+shape": 3.0, "shape": 2.0, "colour": 2.0, "left/right": 1.0, "bigger/smaller": 1.0}
 
 _SIDE_WORDS = {"left", "right", "leftmost", "rightmost"}

@@ -2,7 +2,7 @@
 
 Why it is built this way:
 - One sample per *image* with all its phrases, so the contrastive loss can treat every phrase of an
-  image as a positive for that image (DESIGN §2); a batch holds B images and up to
+  image as a positive for that image (docs/method.md); a batch holds B images and up to
   `max_texts_per_image` phrases of each.
 - The training stream is endless: every (rank, worker) reads an infinite, epoch-seeded sequence of
   shards and the trainer takes exactly `steps_per_epoch` batches per epoch. Ranks with fewer samples

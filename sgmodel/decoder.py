@@ -1,4 +1,4 @@
-"""Spatial-broadcast decoder: the reconstruction that keeps slots object-like (DESIGN §2).
+"""Spatial-broadcast decoder: the reconstruction that keeps slots object-like (docs/method.md).
 
 Each slot is broadcast to every grid position, a 2-D position embedding is added, and a ReLU MLP
 predicts a feature vector and an alpha logit per (slot, position). Alphas are softmaxed over slots

@@ -16,7 +16,7 @@ size and modification time. Anything that changes the features therefore lands i
 the cache is never stale, only unused (delete the folder to reclaim space). Files are written under
 a temporary name and renamed, so an interrupted build leaves no half file.
 
-The per-channel mean/std of the image tokens (DESIGN §7: standardised features learn far better)
+The per-channel mean/std of the image tokens (standardised features learn far better: docs/method.md)
 come from the same files; the trainer puts them into the model (`set_feature_stats`), so they travel
 in the checkpoint and evaluate/predict need only the checkpoint and the images.
 """

@@ -1,4 +1,4 @@
-"""Gather: a phrase picks the entities it is about (DESIGN §2).
+"""Gather: a phrase picks the entities it is about (docs/method.md).
 
 One pre-norm cross-attention layer: the text embedding is the query, an image's K slots are keys and
 values; then a GELU feed-forward, a final LayerNorm and L2 normalisation give the fused vector

@@ -1,4 +1,4 @@
-"""The two training losses (DESIGN §2) and the false-negative mask the contrastive loss can use."""
+"""The two training losses (docs/method.md) and the false-negative mask the contrastive loss can use."""
 
 from __future__ import annotations
 

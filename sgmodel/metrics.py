@@ -1,4 +1,4 @@
-"""Referring-segmentation metrics at the original mask resolution (DESIGN §2).
+"""Referring-segmentation metrics at the original mask resolution (docs/method.md).
 
 Per phrase: the response map is upsampled to its ground-truth mask's size, min-max normalised and
 thresholded (inference.py), and compared with the mask. Over a split:

@@ -4,7 +4,7 @@ forward(batch) returns the training losses, infer(batch) the response maps. The 
 table in docs/architecture.md: B images (or their cached tokens), T phrases (or their cached
 features), and `text_image_index` tying each phrase to its image.
 
-Switches measured to matter at small scale (DESIGN §7; defaults stay the paper's):
+Switches measured to matter at small scale (docs/method.md; defaults stay the paper's):
 standardize_features (per-channel standardised tokens, input and reconstruction target),
 normalize_text + learn_logit_scale/logit_scale, gather_query_residual=False (z from the slots only),
 drop_duplicate_negatives (other images carrying the identical phrase are not negatives) and

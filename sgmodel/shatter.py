@@ -1,4 +1,4 @@
-"""Shatter: entity discovery by slot attention over the image tokens (DESIGN §2).
+"""Shatter: entity discovery by slot attention over the image tokens (docs/method.md).
 
 K = Kg x Ks slots start as Ks samples of each of Kg learned Gaussians. For L iterations with shared
 weights, slots compete for tokens (softmax over the *slot* axis), each slot takes the mean of the

@@ -1,4 +1,4 @@
-"""The method's modules one by one: shapes and the math DESIGN §2 states."""
+"""The method's modules one by one: shapes and the math docs/method.md states."""
 
 from __future__ import annotations
 

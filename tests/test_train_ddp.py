@@ -1,6 +1,6 @@
 """End to end on real sgdata shards: 2-rank torchrun (gloo, CPU) trains, is killed, resumes, then evaluate and predict.
 
-This is issue 4's integration proof and issue 6's interrupted-training check: the run is SIGKILLed after
+This is the multi-process integration proof and the interrupted-training check: the run is SIGKILLed after
 a checkpoint, `--resume` continues from that checkpoint's step, and log.jsonl ends up with every step
 exactly once.
 """
