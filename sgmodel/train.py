@@ -164,7 +164,7 @@ def _finite_or_none(value: float) -> float | None:
 
 def log_record(step: int, epoch: int, outputs: dict, lr: float, grad_norm: torch.Tensor, samples_per_s: float, skipped: bool) -> dict[str, Any]:
     """One log.jsonl line: the losses averaged over ranks (a collective: every rank calls this on the same steps)."""
-    names = ("loss", "contrastive", "reconstruction", "accuracy")
+    names = ("loss", "contrastive", "reconstruction", "accuracy") + (("coreference",) if "coreference" in outputs else ())
     values = dist.all_reduce_mean(torch.stack([outputs[n].detach().float() for n in names])).tolist()
     record = {"step": step, "epoch": epoch, **{n: _finite_or_none(v) for n, v in zip(names, values)}, "lr": lr,
               "grad_norm": _finite_or_none(float(grad_norm)), "samples_per_s": round(samples_per_s, 3)}
