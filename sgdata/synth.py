@@ -46,11 +46,12 @@ PHRASES_PER_OBJECT = 3
 SPLITS = (("train", 0.7), ("val", 0.1), ("testA", 0.1), ("testB", 0.1))
 JPEG_QUALITY = 90
 PHRASE_TYPES = ("colour+shape", "shape", "colour", "left/right", "bigger/smaller")
-# How often each type is picked for an object (among the types that can single it out). Relational
-# phrases are a minority (about a fifth): from image-text pairs alone "left" cannot be told from
-# "right" (mirroring every image and swapping the two words leaves the training data unchanged, so
-# no loss prefers either reading; docs/synthetic-data.md), and the small-scale scenes on which the
-# demo's quality floor was set held few of them (docs/method.md).
+# How often each type is picked for an object (among the types that can single it out): relational
+# phrases are about a quarter, as on the small-scale scenes the demo's quality floor was set on.
+# Image-text matching alone does not ground them: a relational phrase's word-swapped twin ("the circle
+# on the right") is nearly always true of the same image too, so a loss over (image, phrase) pairs
+# cannot tell the two readings apart; co-reference with the ref's attribute phrases can
+# (docs/synthetic-data.md, docs/training.md "Relations").
 PHRASE_TYPE_WEIGHTS = {"colour+shape": 3.0, "shape": 2.0, "colour": 2.0, "left/right": 1.0, "bigger/smaller": 1.0}
 
 _SIDE_WORDS = {"left", "right", "leftmost", "rightmost"}
