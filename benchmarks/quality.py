@@ -30,6 +30,7 @@ line (step, every method's metrics) to --out, for training curves; it stops afte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -165,8 +166,13 @@ def score_model(model: torch.nn.Module, loader, device: torch.device) -> dict[st
     return {name: summarise(acc, point=name not in NO_POINT) for name, acc in accs.items()}
 
 
-def evaluate_quality(checkpoint: str | Path, shards: str, batch_size: int = 16, device: str = "cpu") -> dict[str, Any]:
-    """Score a checkpoint on referring shards; the record quality.json holds."""
+def evaluate_quality(checkpoint: str | Path, shards: str, batch_size: int = 16, device: str = "cpu",
+                     refine_iterations: int | None = None) -> dict[str, Any]:
+    """Score a checkpoint on referring shards; the record quality.json holds.
+
+    refine_iterations: score with this many refinement iterations instead of the checkpoint's own
+    (0 = the paper's rule), for the on/off comparison of docs/results.md.
+    """
     from sgmodel.checkpoint import model_from_checkpoint
     from sgdata.format import expand_shards
     from sgmodel.data import check_eval_shards, eval_loader
@@ -178,10 +184,13 @@ def evaluate_quality(checkpoint: str | Path, shards: str, batch_size: int = 16, 
     dev = pick_device(device)
     started = time.time()
     model, cfg, state = model_from_checkpoint(checkpoint, dev)
+    if refine_iterations is not None:
+        model.cfg = cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, refine_iterations=refine_iterations))
     torch.manual_seed(cfg.eval_seed)
     loader = eval_loader(urls, cfg, build_tokenizer(cfg.text), batch_size)
     methods = score_model(model, loader, dev)
     return {"checkpoint": str(checkpoint), "step": int(state["step"]), "shards": shards, "split": split,
+            "refine_iterations": cfg.inference.refine_iterations,
             "count": methods["model"]["count"], "seconds": round(time.time() - started, 1), "methods": methods}
 
 
@@ -336,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="", help="figure title (--curves)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--refine-iterations", type=int, help="score with this refinement instead of the checkpoint's (0 = none)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.watch:
             watch(Path(args.watch), args.shards, out, args.until_step, args.batch_size, args.device)
             return 0
-        record = evaluate_quality(args.checkpoint, args.shards, args.batch_size, args.device)
+        record = evaluate_quality(args.checkpoint, args.shards, args.batch_size, args.device, args.refine_iterations)
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
