@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from sgdata.format import UserError, decode_rgb, parse_mixture, sample_texts, text_refs
+from sgmodel.batch import Batch
 
 # ---- shard lists ---------------------------------------------------------------------------------
 
@@ -132,14 +133,14 @@ def select_texts(texts: list[str], limit: int, seed: int, epoch: int, key: str) 
 # ---- batches -------------------------------------------------------------------------------------
 
 
-def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any]:
-    """Per-image items -> one batch (docs/architecture.md, "The batch")."""
+def collate(items: list[dict], tokenizer: Any, max_length: int) -> Batch:
+    """Per-image items -> one batch (sgmodel/batch.py)."""
     texts = [t for item in items for t in item["texts"]]
     index = [i for i, item in enumerate(items) for _ in item["texts"]]
     groups: dict[tuple[int, int], int] = {}  # (image, ref within it) -> a ref id unique in the batch
     refs = [groups.setdefault((i, r), len(groups)) if r >= 0 else -1
             for i, item in enumerate(items) for r in item.get("text_refs", [-1] * len(item["texts"]))]
-    batch: dict[str, Any] = {
+    batch: Batch = {
         "keys": [item["key"] for item in items],
         "texts": texts,
         "text_image_index": torch.tensor(index, dtype=torch.long),  # (T,)
@@ -157,7 +158,6 @@ def collate(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any
     batch["input_ids"], batch["attention_mask"] = tokenize(tokenizer, texts, max_length)  # (T, L) each
     if "masks" in items[0]:
         batch["masks"] = [m for item in items for m in item["masks"]]  # list (T) of RLE dicts {"size": [H_t, W_t], "counts": str}
-        batch["image_sizes"] = torch.tensor([item["size"] for item in items], dtype=torch.long)  # (B, 2) as (h, w)
     if "ref_ids" in items[0]:
         batch["ref_ids"] = [r for item in items for r in item["ref_ids"]]  # list (T): stored ref ids (evaluation)
     if "original" in items[0]:
@@ -406,7 +406,6 @@ class EvalStream(IterableDataset):
             "ref_ids": [ref_id for _, _, ref_id in phrases],  # the stored ref of each phrase (per-phrase results)
             "image": image_to_tensor(image, self.image_size),  # (3, H, W)
             "masks": [rle for _, rle, _ in phrases],  # list of compressed RLE dicts (H_t, W_t), as stored: scored without decoding
-            "size": (image.height, image.width),
         }
         if self.keep_originals:
             item["original"] = torch.from_numpy(np.array(image))  # (H, W, 3) uint8, for overlays

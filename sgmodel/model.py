@@ -20,6 +20,7 @@ from torch import nn
 
 from sgdata.format.errors import UserError
 from sgmodel import distributed
+from sgmodel.batch import Batch
 from sgmodel.config import Config
 from sgmodel.decoder import SpatialBroadcastDecoder
 from sgmodel.encoders import build_image_encoder, build_text_encoder, build_tokenizer
@@ -122,7 +123,7 @@ class ShatterAndGather(nn.Module):
 
     # ---- training ------------------------------------------------------------------------------
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The training losses of a batch, in two tensor-only stages around the choice of negatives.
 
         The stages see the batch's tensors only; the negatives (phrase strings, and collectives
@@ -232,7 +233,7 @@ class ShatterAndGather(nn.Module):
         b = slots.shape[0]
         dedup = self.cfg.loss.drop_duplicate_negatives or self.cfg.loss.drop_entailed_negatives
         entailed = self.cfg.loss.drop_entailed_negatives
-        image_texts = (batch.get("image_texts") or _texts_per_image(batch, b)) if dedup else []
+        image_texts = _texts_per_image(batch, b) if dedup else []
         if not (self.cfg.loss.gather_negatives and distributed.get_world_size() > 1):
             excluded = duplicate_phrase_mask(batch["texts"], image_texts, entailed).to(slots.device) if dedup else None
             return slots, 0, excluded
@@ -255,7 +256,7 @@ class ShatterAndGather(nn.Module):
     # ---- inference -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def infer(self, batch: dict) -> dict[str, torch.Tensor]:
+    def infer(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Response maps: maps (T, h, w) = Σ_k w[t,k]·A[img(t),k] on the token grid, slot_maps (B, K, h, w), weights (T, K).
 
         With `refine_iterations` and images in the batch, maps are refined at the input size instead
@@ -320,7 +321,7 @@ class ShatterAndGather(nn.Module):
 
 
 def _texts_per_image(batch: dict, num_images: int) -> list[list[str]]:
-    """The phrases of each image in this batch (when the batch carries no fuller per-image list)."""
+    """The phrases of each image in this batch."""
     out: list[list[str]] = [[] for _ in range(num_images)]
     for text, image in zip(batch["texts"], batch["text_image_index"].tolist()):
         out[image].append(text)

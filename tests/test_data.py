@@ -196,13 +196,13 @@ def test_empty_shards_are_refused(tmp_path, tokenizer):
 def test_eval_stream_yields_every_phrase_with_its_mask_once(tmp_path, tokenizer):
     urls = write_shards(tmp_path / "val", [3, 2], split="val", seed=5)
     cfg = tiny_config()
-    batches = list(eval_loader(urls, cfg, tokenizer, batch_size=2))
+    batches = list(eval_loader(urls, cfg, tokenizer, batch_size=2, keep_originals=True))
     assert [len(b["keys"]) for b in batches] == [2, 2, 1]  # every sample once, the last batch partial
     assert len({k for b in batches for k in b["keys"]}) == 5
     for b in batches:
         assert len(b["masks"]) == len(b["texts"]) == 6 * len(b["keys"])  # 3 objects x 2 sentences
         for t, image in enumerate(b["text_image_index"].tolist()):
-            h, w = b["image_sizes"][image].tolist()
+            h, w = b["originals"][image].shape[:2]  # the stored image's size
             assert b["masks"][t]["size"] == [h, w]  # the stored RLE: metrics work on its runs, never a dense mask
             mask = rle_to_mask(b["masks"][t])
             assert mask.shape == (h, w) and mask.dtype == bool and 0 < mask.sum() < h * w
