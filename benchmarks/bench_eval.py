@@ -6,7 +6,7 @@ normalisation, threshold 0.5, IoU, cIoU, PointM, Prec@X. Each side gets the mask
 evaluation reads them:
 
 - ours: `sgmodel.metrics.MetricAccumulator.update` per batch of 8 images' phrases, then `compute()`,
-  given what `sgmodel.data.eval_loader` hands over: each phrase's mask as the compressed COCO RLE dict
+  given what `sgmodel.eval_data.eval_loader` hands over: each phrase's mask as the compressed COCO RLE dict
   the shard stores (the sentences of one object share their dict). Decoding the RLEs to runs is part
   of our timed work; no dense mask is made (sgmodel/mask_runs.py).
 - baseline: one phrase at a time in numpy, as the public code evaluates, on dense bool masks decoded

@@ -152,7 +152,7 @@ def summarise(acc: MetricAccumulator, point: bool = True) -> dict[str, Any]:
 
 @torch.no_grad()
 def score_model(model: torch.nn.Module, loader, device: torch.device) -> dict[str, Any]:
-    """Run every method over `loader` (an sgmodel.data.eval_loader) with an already loaded model."""
+    """Run every method over `loader` (an sgmodel.eval_data.eval_loader) with an already loaded model."""
     accs = {name: MetricAccumulator() for name in METHODS}
     for batch in loader:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -175,7 +175,7 @@ def evaluate_quality(checkpoint: str | Path, shards: str, batch_size: int = 16, 
     """
     from sgmodel.checkpoint import model_from_checkpoint
     from sgdata.format import expand_shards
-    from sgmodel.data import check_eval_shards, eval_loader
+    from sgmodel.eval_data import check_eval_shards, eval_loader
     from sgmodel.encoders import build_tokenizer
     from sgmodel.evaluate import pick_device
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sgdata.format import UserError, atomic_write, expand_shards, rle_to_mask, write_json_atomic
 from sgdata.format.drawing import caption_tile, color_for, make_grid, overlay_mask
 from sgmodel.checkpoint import model_from_checkpoint
-from sgmodel.data import check_eval_shards, eval_loader
+from sgmodel.eval_data import check_eval_shards, eval_loader
 from sgmodel.logs import configure_logging
 
 logger = logging.getLogger("sgmodel.evaluate")  # not __name__: that is "__main__" under python -m

@@ -1,4 +1,4 @@
-"""sgmodel.data: shard specs, sample counts, the per-epoch training stream, collation, the eval stream."""
+"""sgmodel.data and sgmodel.eval_data: shard specs, sample counts, the per-epoch training stream, collation, the eval stream."""
 
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from sgdata.format import UserError, expand_shards, parse_mixture, rle_to_mask, sample_texts
-from sgmodel.data import (
-    count_samples,
-    eval_loader,
-    check_eval_shards,
-    train_data,
-    worker_skip,
-)
+from sgmodel.data import count_samples, train_data, worker_skip
+from sgmodel.eval_data import check_eval_shards, eval_loader
 from sgmodel.encoders import build_tokenizer, normalize_pixels
 from test_train_fixtures import tiny_config, write_shards
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from sgmodel import evaluate as evaluate_module
 from sgmodel import predict as predict_module
-from sgmodel.data import eval_phrases
+from sgmodel.eval_data import eval_phrases
 from sgmodel.train import main as train_main
 from sgdata.format import rle_to_mask
 from test_train_fixtures import write_shards

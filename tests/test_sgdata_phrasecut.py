@@ -130,7 +130,7 @@ def test_unusable_input_is_one_sentence(tmp_path, damage, message):
 
 def test_evaluation_reads_phrasecut_shards(built, tmp_path):
     from sgmodel import evaluate as evaluate_module
-    from sgmodel.data import eval_phrases
+    from sgmodel.eval_data import eval_phrases
     from sgmodel.metrics import MetricAccumulator
     from sgmodel.train import main as train_main
 
