@@ -1,6 +1,6 @@
 """Before joining a Ray cluster by address: ask its head whether it answers and accepts this client.
 
-Why: current Ray (2.5x and later) turns token authentication on for `ray start --head` whenever a
+Why: Ray 2.60 (the version the project installs) turns token authentication on for `ray start --head` whenever a
 token exists on the head (~/.ray/auth_token, which any earlier local Ray run creates). A client that
 joins by an explicit address sends its token only when its own environment says
 `RAY_AUTH_MODE=token`; without it `ray.init` retries for about 20 seconds, printing an
