@@ -1,7 +1,10 @@
-"""Joining a real Ray cluster by address, as `ray start --head` runs one today (token authentication on).
+"""Joining a real Ray cluster by address, as `ray start --head` runs one today (token authentication on),
+and writing the shards to a bucket: the walk-through of docs/sgdata.md on one machine.
 
 The head runs in its own HOME, temp dir, ports and process session, so it neither sees nor disturbs
-another Ray on the machine; the fixture kills its whole session at the end, whatever happened.
+another Ray on the machine; the fixture kills its whole session at the end, whatever happened. The
+bucket is a real S3-compatible server on 127.0.0.1 (tests/s3_server.py); head, workers and driver
+find it through the standard AWS_* variables.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from pathlib import Path
 import pytest
 
 from refer_fixture import make_refer_fixture
-from s3_server import free_port
+from s3_server import free_port, s3_server
 from sgdata import api
-from sgdata.verify import verify_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -65,7 +67,20 @@ def _client_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def head():
+def bucket():
+    """The S3 server's environment (the head's workers need it too: they write the shards)."""
+    import s3fs
+
+    with s3_server() as env:
+        fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True,
+                               endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
+                               secret=env["AWS_SECRET_ACCESS_KEY"])
+        fs.mkdir("cluster")
+        yield env, fs
+
+
+@pytest.fixture(scope="module")
+def head(bucket):
     """`ray start --head` with a token in its HOME (as any earlier local Ray run leaves one): auth is on."""
     scratch = Path(tempfile.mkdtemp(prefix="sgh", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
     home = scratch / "home"
@@ -77,7 +92,7 @@ def head():
                "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]
     log = open(scratch / "head.log", "wb")
-    proc = subprocess.Popen(command, env=_client_env(home), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command, env=_client_env(home, **bucket[0]), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -102,23 +117,29 @@ def _hashes(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.tar"))}
 
 
-def _build(refer, out: Path, address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _build(refer, out: str | Path, address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "sgdata", "build", "refcoco", "--refer-root", str(refer["refer_root"]),
                "--images", str(refer["images_dir"]), "--dataset", "refcoco", "--split-by", "unc",
                "--out", str(out), "--shard-size", "1", "--ray-address", address]
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_a_build_joins_a_token_auth_head_by_address_and_writes_the_local_bytes(head, refer, tmp_path):
+def test_a_build_joins_a_token_auth_head_by_address_and_writes_the_local_bytes_to_a_bucket(head, bucket, refer, tmp_path):
     local = tmp_path / "local"
     api.build_refcoco(refer["refer_root"], refer["images_dir"], "refcoco", "unc", local, workers=0, shard_size=1)
 
-    out = tmp_path / "cluster"
-    result = _build(refer, out, head["address"], _client_env(head["home"], RAY_AUTH_MODE="token"))
+    env, fs = bucket
+    url = "s3://cluster/refcoco"
+    client = _client_env(head["home"], RAY_AUTH_MODE="token", **env)
+    result = _build(refer, url, head["address"], client)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "RayRunner" in (out / "train" / "stats.json").read_text()
-    assert _hashes(out) == _hashes(local) and len(_hashes(out)) == 6
-    assert verify_dataset(out) == []
+    assert '"runner": "RayRunner"' in fs.cat_file("cluster/refcoco/train/stats.json").decode()
+    in_bucket = {key[len("cluster/refcoco/"):]: hashlib.sha256(fs.cat_file(key)).hexdigest()
+                 for key in fs.find("cluster/refcoco") if key.endswith(".tar")}
+    assert in_bucket == _hashes(local) and len(in_bucket) == 6
+    verify = subprocess.run([sys.executable, "-m", "sgdata", "verify", url], env=client, capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 0 and verify.stdout.strip() == f"{url}: OK", verify.stdout + verify.stderr
 
 
 @pytest.mark.parametrize("env_extra, says", [
