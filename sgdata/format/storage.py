@@ -71,8 +71,6 @@ def reaching(url: str) -> Iterator[None]:
         yield
     except UserError:
         raise
-    except FileNotFoundError:
-        raise
     except Exception as err:  # botocore, aiohttp, gcsfs errors share no base class
         reason = " ".join(str(err).split()) or type(err).__name__
         raise UserError(f"cannot reach {url}: {type(err).__name__}: {reason[:300]} (credentials and endpoint "
