@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "architecture.md"
 PACKAGES = ("sgdata", "sgmodel")
 # a module path anywhere on the page: sgdata/…/name.py or sgmodel/…/name.py
@@ -56,4 +56,4 @@ def test_the_page_states_the_import_rule():
     text = PAGE.read_text()
     assert "## The import rule" in text
     rule = text.split("## The import rule", 1)[1].split("\n## ", 1)[0]
-    assert "`sgdata.format`" in rule and "tests/test_import_rule.py" in rule
+    assert "`sgdata.format`" in rule and "tests/sgmodel/test_import_rule.py" in rule

@@ -10,7 +10,7 @@ import pytest
 
 from sgmodel.config import SECTIONS, Config, load_config, resumable_fields
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _documented_sections() -> dict[str, dict[str, str]]:

@@ -69,11 +69,3 @@ def write_shards(folder: Path, sizes: list[int], kind: str = "refcoco", split: s
     if sizes_json:
         (folder / "sizes.json").write_text(json.dumps(counts))
     return paths
-
-
-def tiny_config(**overrides):
-    """configs/tiny.yaml with test-sized overrides (fields as keyword arguments)."""
-    from sgmodel.config import load_config
-
-    root = Path(__file__).resolve().parents[1]
-    return load_config(root / "configs" / "tiny.yaml", overrides)

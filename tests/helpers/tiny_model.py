@@ -1,4 +1,4 @@
-"""Shared tiny configuration and batches for the sgmodel tests (no tests of its own).
+"""Shared tiny configurations and batches for the sgmodel tests.
 
 Random tiny encoders (ViT 32x32 with 8-pixel patches, one-layer BERT over the byte tokenizer) keep
 every model test at a fraction of a second.
@@ -6,15 +6,13 @@ every model test at a fraction of a second.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from sgmodel.config import Config, from_dict, load_config
 
-from sgmodel.config import Config, from_dict  # noqa: E402
-
-torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[2]
 
 PHRASES = ["the red ball", "a small blue square on the left", "green thing", "the red ball", "tree", "sky"]
 
@@ -47,6 +45,12 @@ def tiny_config(**overrides) -> Config:
     )
     values.update(overrides)
     return from_dict(values)
+
+
+def tiny_yaml_config(**overrides) -> Config:
+    """configs/tiny.yaml with test-sized overrides (fields as keyword arguments): the shipped tiny recipe, for
+    the data and training tests; `tiny_config` above is smaller still and fixes every model size here."""
+    return load_config(ROOT / "configs" / "tiny.yaml", overrides)
 
 
 def tiny_batch(model, num_images: int = 3, texts_per_image=(2, 1, 3), seed: int = 0, size=(32, 32)) -> dict:

@@ -12,8 +12,6 @@ docs/reliability.md lists these cases row by row.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import os
 import pickle
@@ -21,23 +19,23 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile
 
-from refer_fixture import coco_file_name, make_refer_fixture
 from sgdata import api
-from sgdata.format import SampleError, UserError, iter_tar_samples
+from sgdata.format import SampleError, UserError
 from sgdata.images import load_image
-from sgdata.verify import verify_dataset
+from tests.helpers.build_checks import (
+    Expected, GOOD_ROWS, GOOD_TABLE, assert_build_is_whole, assert_reported, expected_refcoco, image_bytes,
+    make_table_root, put, read_failures, read_samples, stored_captions, stored_refcoco, write_csv,
+)
+from tests.helpers.refer_fixture import coco_file_name, make_refer_fixture
 
 DEFAULT_MAX_PIXELS = 80_000_000  # sgdata.samples.SampleOptions' default; the bomb below is just above it
-Expected = list[tuple[str | None, str | None]]  # (reason, path suffix) per failure line; None matches anything
 
 
 # ---------------------------------------------------------------- image bytes
@@ -62,12 +60,6 @@ def bomb_bytes() -> bytes:
     return png_of_zeros(9000, 9000)
 
 
-def image_bytes(width: int = 12, height: int = 9, fmt: str = "JPEG", colour=(180, 40, 90)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 BAD_IMAGE_BYTES: dict[str, Callable[[], bytes]] = {
     "truncated": lambda: image_bytes(64, 48)[: len(image_bytes(64, 48)) // 2],
     "zero_byte": lambda: b"",
@@ -76,51 +68,6 @@ BAD_IMAGE_BYTES: dict[str, Callable[[], bytes]] = {
 }
 BAD_IMAGE_REASON = {"truncated": "unreadable_image", "zero_byte": "unreadable_image",
                     "not_an_image": "unreadable_image", "decompression_bomb": "image_too_large"}
-
-
-# ---------------------------------------------------------------- reading a build back
-
-
-def read_failures(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "failures.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def read_samples(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
-    """split -> key -> {extension: bytes}, from the tars alone."""
-    samples: dict[str, dict[str, dict[str, bytes]]] = {}
-    for tar in sorted(out.glob("*/*.tar")):
-        for key, files in iter_tar_samples(tar):
-            assert key not in samples.setdefault(tar.parent.name, {}), f"{key} stored twice"
-            samples[tar.parent.name][key] = files
-    return samples
-
-
-def assert_reported(failures: list[dict], expected: Expected) -> None:
-    """failures.jsonl holds exactly the expected entries (a multiset match on reason and path suffix)."""
-    left = list(failures)
-    for reason, suffix in expected:
-        match = next((f for f in left if (reason is None or f["reason"] == reason)
-                      and (suffix is None or f["path"].endswith(suffix))), None)
-        assert match is not None, f"no failure ({reason}, ...{suffix}) in {failures}"
-        left.remove(match)
-        assert match["detail"] and "\n" not in match["detail"]
-    assert left == [], f"unexpected failures: {left}"
-
-
-def assert_build_is_whole(out: Path, summary: dict, failures: list[dict]) -> None:
-    """No failed shard; stats.json, dataset.json and the summary count what failures.jsonl lists; verify passes."""
-    assert summary["failed_shards"] == []
-    card = json.loads((out / "dataset.json").read_text())
-    assert card["failures"] == len(failures) == summary["failures"]
-    for split in card["splits"]:
-        stats = json.loads((out / split / "stats.json").read_text())
-        listed = Counter(f["reason"] for f in failures if f["split"] == split)
-        assert stats["failures_by_reason"] == dict(listed) and stats["failures"] == sum(listed.values()), split
-        assert stats["complete"]
-        manifest = pq.read_table(out / split / "manifest.parquet").column("key").to_pylist()
-        stored = [key for tar in sorted((out / split).glob("*.tar")) for key, _ in iter_tar_samples(tar)]
-        assert manifest == stored, split
-    assert verify_dataset(out) == []
 
 
 # ---------------------------------------------------------------- RefCOCO cases
@@ -320,33 +267,6 @@ REFCOCO_CASES = {
 }
 
 
-def expected_refcoco(fx: dict, lost: set) -> dict[str, dict[str, dict]]:
-    """split -> key -> {ref_id: [sentence texts]} that the shards must hold, from the source objects alone."""
-    good: dict[str, dict[str, dict]] = {}
-    for ref in fx["refs"]:
-        if ref["ref_id"] in lost:
-            continue
-        texts = [s["sent"] if s["sent"].strip() else s["raw"] for s in ref["sentences"]
-                 if isinstance(s, dict) and (s["sent"].strip() or s["raw"].strip())]
-        key = f"img{ref['image_id']:012d}"
-        good.setdefault(ref["split"], {}).setdefault(key, {})[ref["ref_id"]] = texts
-    return good
-
-
-def stored_refcoco(out: Path) -> dict[str, dict[str, dict]]:
-    stored: dict[str, dict[str, dict]] = {}
-    for split, samples in read_samples(out).items():
-        for key, files in samples.items():
-            doc = json.loads(files["json"])
-            assert sorted(files) == ["jpg", "json"]
-            with Image.open(io.BytesIO(files["jpg"])) as image:
-                assert image.format == "JPEG" and image.size == (doc["width"], doc["height"])
-            for ref in doc["refs"]:
-                assert ref["mask"]["size"] == [doc["height"], doc["width"]]
-            stored.setdefault(split, {})[key] = {r["ref_id"]: [s["text"] for s in r["sentences"]] for r in doc["refs"]}
-    return stored
-
-
 def _build_refcoco(fx: dict, out: Path) -> dict:
     return api.build_refcoco(fx["refer_root"], fx["images_dir"], fx["dataset"], fx["split_by"], out,
                              workers=0, shard_size=2)
@@ -395,46 +315,40 @@ GOOD_TREE = {  # relative image path -> caption file name and content, and the c
 }
 
 
-def _put(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    return path
-
-
 def make_caption_tree(root: Path) -> dict[str, list[str]]:
     for rel, (caption_rel, content, _) in GOOD_TREE.items():
         fmt = "PNG" if rel.endswith(".png") else "JPEG"
-        _put(root / rel, image_bytes(16 + len(rel), 10, fmt))
-        _put(root / caption_rel, content)
+        put(root / rel, image_bytes(16 + len(rel), 10, fmt))
+        put(root / caption_rel, content)
     return {rel: captions for rel, (_, _, captions) in GOOD_TREE.items()}
 
 
 def _folder_bad_image(kind: str):
     def inject(root: Path, outside: Path) -> tuple[Expected, dict]:
-        _put(root / "sub" / "bad.jpg", BAD_IMAGE_BYTES[kind]())
-        _put(root / "sub" / "bad.txt", "a caption for a bad file")
+        put(root / "sub" / "bad.jpg", BAD_IMAGE_BYTES[kind]())
+        put(root / "sub" / "bad.txt", "a caption for a bad file")
         return [(BAD_IMAGE_REASON[kind], "sub/bad.jpg")], {}
     return inject
 
 
 def _folder_wrong_extension(root: Path, outside: Path) -> tuple[Expected, dict]:
-    _put(root / "jpeg_named.png", image_bytes(10, 8, "JPEG"))
-    _put(root / "jpeg_named.txt", "a JPEG named .png")
-    _put(root / "png_named.jpg", image_bytes(10, 8, "PNG"))
-    _put(root / "png_named.txt", "a PNG named .jpg")
+    put(root / "jpeg_named.png", image_bytes(10, 8, "JPEG"))
+    put(root / "jpeg_named.txt", "a JPEG named .png")
+    put(root / "png_named.jpg", image_bytes(10, 8, "PNG"))
+    put(root / "png_named.txt", "a PNG named .jpg")
     return [], {"jpeg_named.png": ["a JPEG named .png"], "png_named.jpg": ["a PNG named .jpg"]}
 
 
 def _folder_one_pixel(root: Path, outside: Path) -> tuple[Expected, dict]:
-    _put(root / "dot.png", image_bytes(1, 1, "PNG"))
-    _put(root / "dot.txt", "one pixel")
+    put(root / "dot.png", image_bytes(1, 1, "PNG"))
+    put(root / "dot.txt", "one pixel")
     return [], {"dot.png": ["one pixel"]}
 
 
 def _folder_case(files: dict[str, bytes | str], expected: Expected):
     def inject(root: Path, outside: Path) -> tuple[Expected, dict]:
         for rel, data in files.items():
-            _put(root / rel, image_bytes() if data == "IMAGE" else data)
+            put(root / rel, image_bytes() if data == "IMAGE" else data)
         return expected, {}
     return inject
 
@@ -442,16 +356,16 @@ def _folder_case(files: dict[str, bytes | str], expected: Expected):
 def _folder_symlink_loop(root: Path, outside: Path) -> tuple[Expected, dict]:
     os.symlink("..", root / "sub" / "loop")  # a folder link back to the root
     os.symlink("self.jpg", root / "self.jpg")  # a file link to itself
-    _put(root / "self.txt", "the caption of a link loop")
+    put(root / "self.txt", "the caption of a link loop")
     return [("symlink_loop", "sub/loop"), ("broken_symlink", "self.jpg"), ("caption_without_image", "self.txt")], {}
 
 
 def _folder_link_outside(root: Path, outside: Path) -> tuple[Expected, dict]:
-    _put(outside / "secret.jpg", image_bytes())
-    _put(outside / "secret.txt", "outside the corpus")
+    put(outside / "secret.jpg", image_bytes())
+    put(outside / "secret.txt", "outside the corpus")
     os.symlink(outside, root / "escape")
     os.symlink(outside / "secret.jpg", root / "secret.jpg")
-    _put(root / "secret.txt", "a linked image outside the corpus")
+    put(root / "secret.txt", "a linked image outside the corpus")
     return [("outside_root", "escape"), ("outside_root", "secret.jpg"), ("caption_without_image", "secret.txt")], {}
 
 
@@ -475,19 +389,6 @@ FOLDER_CASES = {
 }
 
 
-def stored_captions(out: Path) -> dict[str, list[str]]:
-    """source path -> captions, from the tars; also checks each sample's three files agree."""
-    stored = {}
-    for key, files in read_samples(out).get("train", {}).items():
-        assert sorted(files) == ["jpg", "json", "txt"], key
-        doc = json.loads(files["json"])
-        assert files["txt"].decode("utf-8") == doc["captions"][0]
-        with Image.open(io.BytesIO(files["jpg"])) as image:
-            assert image.size == (doc["width"], doc["height"])
-        stored[doc["source"]] = doc["captions"]
-    return stored
-
-
 @pytest.mark.parametrize("inject", FOLDER_CASES.values(), ids=FOLDER_CASES)
 def test_caption_folder_fault_is_skipped_reported_and_nothing_good_is_lost(tmp_path, inject):
     root = tmp_path / "corpus"
@@ -503,30 +404,6 @@ def test_caption_folder_fault_is_skipped_reported_and_nothing_good_is_lost(tmp_p
 
 
 # ---------------------------------------------------------------- caption table cases
-
-GOOD_ROWS = [("img/one.jpg", "first"), ("img/two words, comma.png", 'second "quoted"'), ("img/one.jpg", "first again"),
-             ("./three.jpg", "third, with a comma")]
-GOOD_TABLE = {"img/one.jpg": ["first", "first again"], "img/two words, comma.png": ['second "quoted"'],
-              "three.jpg": ["third, with a comma"]}
-
-
-def make_table_root(root: Path) -> None:
-    _put(root / "img" / "one.jpg", image_bytes(14, 10))
-    _put(root / "img" / "two words, comma.png", image_bytes(10, 14, "PNG"))
-    _put(root / "three.jpg", image_bytes(9, 9))
-
-
-def write_csv(path: Path, rows: list[tuple]) -> Path:
-    """CSV with proper quoting; a bytes cell is written as raw bytes (for non-UTF-8 cases)."""
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([("image", "caption")] + [r for r in rows if not any(
-        isinstance(cell, bytes) for cell in r)])
-    data = text.getvalue().encode("utf-8")
-    for row in rows:
-        if any(isinstance(cell, bytes) for cell in row):
-            data += b",".join(c if isinstance(c, bytes) else c.encode("utf-8") for c in row) + b"\n"
-    path.write_bytes(data)
-    return path
 
 
 def _row_case(rows: list[tuple], reasons: list[str], files: dict[str, Callable[[Path, Path], None]] | None = None,
@@ -553,7 +430,7 @@ def _write(data: bytes | Callable[[], bytes]):
 
 
 def _link_to_outside(path: Path, outside: Path) -> None:
-    _put(outside / "secret.jpg", image_bytes())
+    put(outside / "secret.jpg", image_bytes())
     os.symlink(outside / "secret.jpg", path)
 
 
@@ -658,17 +535,17 @@ def _empty_folder(src: Path) -> Path:
 
 def _table_without_caption_column(src: Path) -> Path:
     make_table_root(src)
-    return _put(src / "pairs.csv", "image,words\nthree.jpg,hello\n")
+    return put(src / "pairs.csv", "image,words\nthree.jpg,hello\n")
 
 
 def _garbage_parquet(src: Path) -> Path:
     make_table_root(src)
-    return _put(src / "pairs.parquet", b"PAR1 this is not parquet")
+    return put(src / "pairs.parquet", b"PAR1 this is not parquet")
 
 
 def _non_utf8_csv_header(src: Path) -> Path:
     make_table_root(src)
-    return _put(src / "pairs.csv", b"imag\xe9,caption\nthree.jpg,hello\n")
+    return put(src / "pairs.csv", b"imag\xe9,caption\nthree.jpg,hello\n")
 
 
 FATAL_CASES = {
@@ -756,7 +633,7 @@ def decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
 
 
 def test_image_above_the_pixel_limit_is_refused_before_any_pixel_is_decoded(tmp_path, decoded_sizes):
-    bomb = _put(tmp_path / "bomb.png", bomb_bytes())
+    bomb = put(tmp_path / "bomb.png", bomb_bytes())
     assert bomb.stat().st_size < 1_000_000  # 81 M pixels in well under a megabyte
     with pytest.raises(SampleError) as caught:
         load_image(bomb)
@@ -764,7 +641,7 @@ def test_image_above_the_pixel_limit_is_refused_before_any_pixel_is_decoded(tmp_
     assert decoded_sizes == []
 
     # The same kind of file under and over a limit: refused without decoding, or decoded (so the spy sees decodes).
-    real = _put(tmp_path / "real.png", png_of_zeros(600, 500))
+    real = put(tmp_path / "real.png", png_of_zeros(600, 500))
     with pytest.raises(SampleError, match="image_too_large"):
         load_image(real, max_pixels=299_999)
     assert decoded_sizes == []
@@ -775,8 +652,8 @@ def test_image_above_the_pixel_limit_is_refused_before_any_pixel_is_decoded(tmp_
 def test_a_build_never_decodes_an_image_above_the_limit(tmp_path, decoded_sizes):
     root = tmp_path / "corpus"
     good = make_caption_tree(root)
-    _put(root / "bomb.jpg", bomb_bytes())
-    _put(root / "bomb.txt", "a decompression bomb named .jpg")
+    put(root / "bomb.jpg", bomb_bytes())
+    put(root / "bomb.txt", "a decompression bomb named .jpg")
     out = tmp_path / "out"
     api.build_captions(root, out, workers=0)
     assert [(f["reason"], Path(f["path"]).name) for f in read_failures(out)] == [("image_too_large", "bomb.jpg")]
@@ -787,9 +664,9 @@ def test_a_build_never_decodes_an_image_above_the_limit(tmp_path, decoded_sizes)
 def test_a_corpus_with_no_good_item_is_refused_in_one_sentence_with_every_fault_listed(tmp_path):
     """A build with no sample at all fails (UserError, exit 2 from the CLI), yet failures.jsonl lists every fault."""
     root = tmp_path / "corpus"
-    _put(root / "nocap.jpg", image_bytes())
-    _put(root / "zero.jpg", b"")
-    _put(root / "zero.txt", "an empty image file")
+    put(root / "nocap.jpg", image_bytes())
+    put(root / "zero.jpg", b"")
+    put(root / "zero.txt", "an empty image file")
     out = tmp_path / "out"
     with pytest.raises(UserError) as caught:
         api.build_captions(root, out, workers=0)

@@ -1,7 +1,7 @@
 """Property tests: masks, sample JSON and caption readers hold their contracts on any input.
 
-These extend tests/test_sgdata_sources.py (mask -> RLE -> mask and transposes) and
-tests/test_sgdata_captions.py (caption text through finalize, odd names in folders, keys) with what
+These extend tests/sgdata/test_sgdata_sources.py (mask -> RLE -> mask and transposes) and
+tests/sgdata/test_sgdata_captions.py (caption text through finalize, odd names in folders, keys) with what
 they do not cover: resize invariants, the other segmentation forms, junk segmentations, the RefCOCO
 sample JSON, caption files of arbitrary bytes, and tables of arbitrary captions, file names and text.
 Example counts are kept small so the file runs in seconds; CI can raise them with a hypothesis profile.

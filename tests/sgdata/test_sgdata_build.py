@@ -17,7 +17,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from refer_fixture import make_refer_fixture
 from sgdata import api
 from sgdata.build import build, shard_tasks
 from sgdata.format import SampleError, UserError, is_temporary, iter_tar_samples
@@ -27,6 +26,7 @@ from sgdata.sources.base import Finalized, SampleSpec, SourcePlan
 from sgdata.sources.refcoco import plan_refcoco
 from sgdata.verify import verify_dataset
 from sgdata.writer import ShardTask, write_shard
+from tests.helpers.refer_fixture import make_refer_fixture
 
 BAD_IMAGE_ID = 522418  # a train image whose file is replaced by text: fails in the worker, not in planning
 

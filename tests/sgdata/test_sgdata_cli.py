@@ -24,11 +24,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from refer_fixture import make_refer_fixture
 from sgdata import api
 from sgdata.cli import app
 from sgdata.format import caption_tile, is_temporary, make_grid, overlay_mask
 from sgdata.verify import verify_dataset
+from tests.helpers.refer_fixture import make_refer_fixture
 
 runner = CliRunner()
 

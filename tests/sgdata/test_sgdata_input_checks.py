@@ -1,7 +1,7 @@
 """Input checks behind docs/reliability.md's fixed gaps: ids, text, RLE counts, far-away polygons, CSV rows,
 failure text that is not UTF-8, one bad sample in a shard, and builds that yield no sample at all.
 
-The per-builder fault matrix is tests/test_reliability_bad_input.py; this file covers what that matrix
+The per-builder fault matrix is tests/sgdata/test_reliability_bad_input.py; this file covers what that matrix
 does not: several faults of one kind at once, the planner's and the writer's mechanisms directly, and
 the refusals of empty builds.
 """
@@ -25,17 +25,17 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pycocotools import mask as coco_mask
 
-from oracles import decode_counts_string
-from refer_fixture import make_refer_fixture
 from sgdata import api, masks
 from sgdata.format import SegmentationError, UserError, check_rle, decode_counts, mask_to_rle, rle_to_mask
 from sgdata.samples import SampleOptions
 from sgdata.sources.captions import plan_captions
 from sgdata.writer import ShardTask, write_shard
-from test_reliability_bad_input import (
-    GOOD_ROWS, GOOD_TABLE, _put, assert_build_is_whole, assert_reported, expected_refcoco, image_bytes,
-    make_table_root, read_failures, read_samples, stored_captions, stored_refcoco, write_csv,
+from tests.helpers.build_checks import (
+    GOOD_ROWS, GOOD_TABLE, assert_build_is_whole, assert_reported, expected_refcoco, image_bytes, make_table_root,
+    put, read_failures, read_samples, stored_captions, stored_refcoco, write_csv,
 )
+from tests.helpers.oracles import decode_counts_string
+from tests.helpers.refer_fixture import make_refer_fixture
 
 
 def _build_refcoco(fx: dict, out: Path, **kwargs) -> dict:
@@ -174,8 +174,8 @@ def test_far_away_polygons_are_clipped_instead_of_crashing_the_rasteriser():
 def _caption_plan(tmp_path: Path):
     root = tmp_path / "corpus"
     for name in ("a", "b", "c"):
-        _put(root / f"{name}.jpg", image_bytes(10, 8))
-        _put(root / f"{name}.txt", f"caption {name}")
+        put(root / f"{name}.jpg", image_bytes(10, 8))
+        put(root / f"{name}.txt", f"caption {name}")
     return plan_captions(root).splits["train"]
 
 
@@ -203,8 +203,8 @@ def test_an_environment_error_still_fails_the_shard_so_it_is_retried(tmp_path, m
 
 def test_a_failure_naming_a_file_that_is_not_utf8_is_written(tmp_path):
     root = tmp_path / "corpus"
-    _put(root / "good.jpg", image_bytes())
-    _put(root / "good.txt", "a good one")
+    put(root / "good.jpg", image_bytes())
+    put(root / "good.txt", "a good one")
     raw = os.fsencode(root)
     Path(os.fsdecode(raw + b"/caf\xe9.jpg")).write_bytes(b"")  # an empty image under a latin-1 name
     Path(os.fsdecode(raw + b"/caf\xe9.txt")).write_text("its caption")
@@ -242,7 +242,7 @@ def test_csv_rows_are_labelled_with_the_line_they_start_on(tmp_path):
     (b"image,\"words\nmore\"\nthree.jpg,x\n", "found image, 'words\\nmore'"),
 ])
 def test_unusable_csv_tables_are_one_sentence(tmp_path, data, message):
-    path = _put(tmp_path / "pairs.csv", data)
+    path = put(tmp_path / "pairs.csv", data)
     with pytest.raises(UserError) as caught:
         plan_captions(path)
     text = str(caught.value)
@@ -251,7 +251,7 @@ def test_unusable_csv_tables_are_one_sentence(tmp_path, data, message):
 
 def test_an_unreadable_parquet_file_is_one_sentence_with_one_period(tmp_path):
     with pytest.raises(UserError) as caught:
-        plan_captions(_put(tmp_path / "pairs.parquet", b"PAR1 this is not parquet"))
+        plan_captions(put(tmp_path / "pairs.parquet", b"PAR1 this is not parquet"))
     assert str(caught.value).startswith("cannot read the table pairs.parquet: ") and str(caught.value)[-2:] != ".."
 
 

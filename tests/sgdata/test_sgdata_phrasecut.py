@@ -11,13 +11,13 @@ import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from phrasecut_fixture import BAD_TASKS, make_phrasecut_fixture
 from sgdata import api
 from sgdata.cli import app
 from sgdata.format import UserError, iter_tar_samples, rle_to_mask
 from sgdata.sources.phrasecut import plan_phrasecut
+from tests.helpers.phrasecut_fixture import BAD_TASKS, make_phrasecut_fixture
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

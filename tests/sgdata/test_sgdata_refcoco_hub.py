@@ -1,6 +1,6 @@
 """RefCOCO from the Hub parquet copies: the same refs give the same shards as the refer toolkit files.
 
-The parquet files are written from the refer fixture (tests/hub_fixture.py) in the jxu124/refcoco
+The parquet files are written from the refer fixture (tests/helpers/hub_fixture.py) in the jxu124/refcoco
 schema, so every comparison is against a build of the very same refs through the refer layout.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hub_fixture import hub_rows, write_hub_parquet
-from refer_fixture import make_refer_fixture
 from sgdata import api
 from sgdata.cli import app
 from sgdata.format import UserError, iter_tar_samples
 from sgdata.sources.refcoco_hub import plan_hub
+from tests.helpers.hub_fixture import hub_rows, write_hub_parquet
+from tests.helpers.refer_fixture import make_refer_fixture
 
 runner = CliRunner()
 TRAIN_FILE = "train-00000-of-00001-0a1b2c3d.parquet"

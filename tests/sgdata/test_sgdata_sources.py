@@ -18,13 +18,13 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from refer_fixture import FAULT_KINDS, make_refer_fixture
 from sgdata import masks
 from sgdata.format import SampleError, SegmentationError, UserError, decode_rgb, mask_to_rle, rle_to_mask
 from sgdata.images import load_image
 from sgdata.refer import load_instances, load_refs
 from sgdata.samples import SampleOptions, make_sample
 from sgdata.sources.refcoco import finalize, plan_refcoco
+from tests.helpers.refer_fixture import FAULT_KINDS, make_refer_fixture
 
 
 # ----------------------------------------------------------------------------- helpers (independent of sgdata)

@@ -18,7 +18,8 @@ from sgmodel.data import (
     worker_skip,
 )
 from sgmodel.encoders import build_tokenizer, normalize_pixels
-from test_train_fixtures import tiny_config, write_shards
+from tests.helpers.shards import write_shards
+from tests.helpers.tiny_model import tiny_yaml_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def shard_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(tiny_config().text)
+    return build_tokenizer(tiny_yaml_config().text)
 
 
 def _keys(batches) -> list[list[str]]:
@@ -95,7 +96,7 @@ def test_sample_texts_for_both_shard_kinds():
 
 
 def test_batches_hold_images_and_their_phrases(shard_dir, tokenizer):
-    cfg = tiny_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=3, max_texts_per_image=2)
+    cfg = tiny_yaml_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=3, max_texts_per_image=2)
     data = train_data(cfg, tokenizer)
     assert data.steps_per_epoch == 9 // 3
     batch = next(data.epoch_batches(0))
@@ -113,21 +114,21 @@ def test_batches_hold_images_and_their_phrases(shard_dir, tokenizer):
 
 
 def test_epochs_shuffle_differently_and_reproducibly(shard_dir, tokenizer):
-    cfg = tiny_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=3, shuffle_buffer=4)
+    cfg = tiny_yaml_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=3, shuffle_buffer=4)
     data = train_data(cfg, tokenizer)
     first = _keys(data.epoch_batches(0))
     again = _keys(data.epoch_batches(0))
     second = _keys(data.epoch_batches(1))
     assert first == again
     assert first != second
-    other_seed = _keys(train_data(tiny_config(train_shards=cfg.train_shards, batch_size=3, shuffle_buffer=4, seed=9), tokenizer).epoch_batches(0))
+    other_seed = _keys(train_data(tiny_yaml_config(train_shards=cfg.train_shards, batch_size=3, shuffle_buffer=4, seed=9), tokenizer).epoch_batches(0))
     assert other_seed != first
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_rank_runs_the_same_steps_with_uneven_shards(shard_dir, tokenizer, monkeypatch, workers):
     """Shards of 5, 3 and 1 samples over 2 ranks: both ranks get exactly steps_per_epoch batches, twice over."""
-    cfg = tiny_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=2, workers=workers)
+    cfg = tiny_yaml_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=2, workers=workers)
     monkeypatch.setenv("WORLD_SIZE", "2")
     per_rank = []
     for rank in range(2):
@@ -148,7 +149,7 @@ def test_every_rank_runs_the_same_steps_with_uneven_shards(shard_dir, tokenizer,
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_epoch_yields_the_same_remaining_batches(shard_dir, tokenizer, workers):
-    cfg = tiny_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=2, workers=workers)
+    cfg = tiny_yaml_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=2, workers=workers)
     data = train_data(cfg, tokenizer)
     full = _keys(data.epoch_batches(1))
     assert len(full) == 4
@@ -158,7 +159,7 @@ def test_a_resumed_epoch_yields_the_same_remaining_batches(shard_dir, tokenizer,
 
 def test_persistent_workers_serve_the_same_epochs_and_resumed_epochs(shard_dir, tokenizer):
     """On a GPU the workers persist across epochs: each epoch (and a resumed one) must still be the same batches."""
-    cfg = tiny_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=2, workers=2)
+    cfg = tiny_yaml_config(train_shards=str(shard_dir / "refcoco" / "train"), batch_size=2, workers=2)
     fresh = train_data(cfg, tokenizer, persistent_workers=False)
     kept = train_data(cfg, tokenizer, persistent_workers=True)
     assert kept.loader.persistent_workers and not fresh.loader.persistent_workers
@@ -175,7 +176,7 @@ def test_worker_skip_counts_round_robin_batches():
 
 def test_mixture_draws_from_both_sets(shard_dir, tokenizer):
     spec = f"{shard_dir / 'refcoco' / 'train'}:0.5,{shard_dir / 'captions' / 'train'}:0.5"
-    cfg = tiny_config(train_shards=spec, batch_size=4)
+    cfg = tiny_yaml_config(train_shards=spec, batch_size=4)
     data = train_data(cfg, tokenizer)
     assert data.samples == 17
     keys = [k for batch in data.epoch_batches(0) for k in batch["keys"]]
@@ -187,7 +188,7 @@ def test_mixture_draws_from_both_sets(shard_dir, tokenizer):
 def test_empty_shards_are_refused(tmp_path, tokenizer):
     urls = write_shards(tmp_path / "e", [0])
     with pytest.raises(UserError, match="hold no samples"):
-        train_data(tiny_config(train_shards=urls[0]), tokenizer)
+        train_data(tiny_yaml_config(train_shards=urls[0]), tokenizer)
 
 
 # ---- evaluation stream -------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def test_empty_shards_are_refused(tmp_path, tokenizer):
 
 def test_eval_stream_yields_every_phrase_with_its_mask_once(tmp_path, tokenizer):
     urls = write_shards(tmp_path / "val", [3, 2], split="val", seed=5)
-    cfg = tiny_config()
+    cfg = tiny_yaml_config()
     batches = list(eval_loader(urls, cfg, tokenizer, batch_size=2))
     assert [len(b["keys"]) for b in batches] == [2, 2, 1]  # every sample once, the last batch partial
     assert len({k for b in batches for k in b["keys"]}) == 5

@@ -33,7 +33,7 @@ def test_demo_config_learns_to_segment_from_phrases(tmp_path, monkeypatch):
         api.build_refcoco(root, root / "images", "synthref", "unc", tmp_path / f"shards-{name}", splits=split, workers=0)
         shards[name] = str(tmp_path / f"shards-{name}" / split)
 
-    config = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
     run = tmp_path / "run"
     code = train.main(["--config", config, "--train-shards", shards["train"], "--out", str(run),
                        "--feature-cache", str(tmp_path / "features"), "--max-steps", str(STEPS),

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_common import tiny_batch, tiny_config
 
 from sgmodel.encoders import build_image_encoder
 from sgmodel.losses import content_words, duplicate_phrase_mask, entailed_phrase_mask
 from sgmodel.model import ShatterAndGather
+from tests.helpers.tiny_model import tiny_batch, tiny_config
 
 
 def build(**overrides) -> ShatterAndGather:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,24 +13,10 @@ from PIL import Image
 from sgmodel import evaluate as evaluate_module
 from sgmodel import predict as predict_module
 from sgmodel.data import eval_phrases
-from sgmodel.train import main as train_main
 from sgdata.format import rle_to_mask
-from test_train_fixtures import write_shards
+from tests.helpers.shards import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"mIoU", "cIoU", "PointM", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("evalpred")
-    train = write_shards(root / "train", [6, 6], seed=7)
-    val = write_shards(root / "val", [2, 1], split="val", seed=8)
-    run = root / "run"
-    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--train-shards", str(root / "train"), "--out", str(run),
-            "--max-steps", "3", "--batch-size", "4"]
-    assert train_main(argv) == 0
-    return {"root": root, "checkpoint": str(run / "checkpoint.pt"), "val": val, "train": train}
 
 
 def _samples(url: str) -> list[tuple[bytes, dict]]:

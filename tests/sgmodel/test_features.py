@@ -15,9 +15,10 @@ from sgmodel.encoders import build_tokenizer
 from sgmodel.features import ensure_feature_cache
 from sgmodel.model import ShatterAndGather
 from sgmodel.train import main
-from test_train_fixtures import tiny_config, write_shards
+from tests.helpers.shards import write_shards
+from tests.helpers.tiny_model import tiny_yaml_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def shards(tmp_path_factory) -> str:
 def _frozen_cfg(shards: str, cache: Path, **fields):
     values = dict(train_shards=shards, feature_cache=str(cache), freeze_image_encoder=True, freeze_text_encoder=True,
                   standardize_features=True, batch_size=3)
-    return tiny_config(**{**values, **fields})
+    return tiny_yaml_config(**{**values, **fields})
 
 
 def _count_calls(module: torch.nn.Module) -> dict:

@@ -21,9 +21,9 @@ import torch
 
 from benchmarks.common import child_env
 from sgmodel.checkpoint import load_checkpoint
-from test_train_fixtures import write_shards
+from tests.helpers.shards import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 RECIPES = {

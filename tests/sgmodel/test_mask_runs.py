@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from oracles import decode_counts_string, dense_from_runs, per_pixel_scores
 
 from sgdata.format import SegmentationError, decode_counts, mask_to_rle
 from sgmodel import mask_runs
 from sgmodel.inference import sample_positions, upsample_group, upsampling_axis
 from sgmodel.mask_runs import MaskRuns, as_runs_list, runs_from_dense, runs_from_rles, score_maps
+from tests.helpers.oracles import decode_counts_string, dense_from_runs, per_pixel_scores
 
 MASK_SIZES = [(427, 640), (375, 500), (1, 7), (7, 1), (33, 17), (1, 1), (10, 9)]
 

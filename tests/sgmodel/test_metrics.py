@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracles import per_pixel_scores
 
 from sgmodel.metrics import PRECISION_THRESHOLDS, MetricAccumulator
+from tests.helpers.oracles import per_pixel_scores
 
 
 def reference_metrics(maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
-    """One phrase at a time, pixel by pixel (tests/oracles.py): upsample, min-max, threshold 0.5, IoU, argmax."""
+    """One phrase at a time, pixel by pixel (tests/helpers/oracles.py): upsample, min-max, threshold 0.5, IoU, argmax."""
     scores = [per_pixel_scores(grid, gt) for grid, gt in zip(maps, masks)]
     inters, unions, hits = (np.array(column) for column in zip(*scores))
     ious = np.where(unions > 0, inters / np.maximum(unions, 1), 0.0)

@@ -6,7 +6,6 @@ import builtins
 
 import pytest
 import torch
-from test_model_common import tiny_config
 
 from sgdata.format.errors import UserError
 from sgmodel.encoders import (
@@ -16,6 +15,7 @@ from sgmodel.encoders import (
     resolve_package_path,
     tokenize,
 )
+from tests.helpers.tiny_model import tiny_config
 
 
 def test_vit_tokens_drop_the_class_token_and_follow_the_image_size():

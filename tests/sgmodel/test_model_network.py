@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-from test_model_common import select_images, tiny_batch, tiny_config
 
 from sgdata.format.errors import UserError
 from sgmodel.encoders import build_tokenizer, tokenize
 from sgmodel.model import ShatterAndGather
+from tests.helpers.tiny_model import select_images, tiny_batch, tiny_config
 
 
 def build(**overrides) -> ShatterAndGather:

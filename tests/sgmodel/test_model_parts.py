@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_common import tiny_config
 
 from sgmodel.decoder import SpatialBroadcastDecoder
 from sgmodel.gather import TextGather
 from sgmodel.inference import combine_slot_maps, predict_masks, threshold_maps, upsample_group
 from sgmodel.losses import contrastive_loss, duplicate_phrase_mask, reconstruction_loss
 from sgmodel.shatter import EntitySlotAttention, compete_for_tokens, sine_position_encoding
+from tests.helpers.tiny_model import tiny_config
 
 
 def make_shatter(**overrides) -> EntitySlotAttention:

@@ -16,8 +16,7 @@ import torch
 
 from sgmodel.model import ShatterAndGather
 from sgmodel.train import make_optimizer, precision_context, train_step
-from test_model_common import tiny_batch
-from test_train_fixtures import tiny_config
+from tests.helpers.tiny_model import tiny_batch, tiny_yaml_config
 
 LOSS_RTOL = 0.01
 GRAD_COSINE = 0.99
@@ -33,7 +32,7 @@ def _step(model, batch, autocast) -> tuple[float, dict[str, torch.Tensor], float
 
 
 def test_bf16_autocast_step_matches_fp32_within_the_stated_tolerance():
-    cfg = tiny_config(dropout=0.0)
+    cfg = tiny_yaml_config(dropout=0.0)
     torch.manual_seed(0)
     reference = ShatterAndGather(cfg).train()
     mixed = copy.deepcopy(reference)
@@ -53,7 +52,7 @@ def test_bf16_autocast_step_matches_fp32_within_the_stated_tolerance():
 
 def test_a_non_finite_step_changes_no_weight_and_is_flagged():
     torch.manual_seed(0)
-    model = ShatterAndGather(tiny_config(dropout=0.0)).train()
+    model = ShatterAndGather(tiny_yaml_config(dropout=0.0)).train()
     batch = tiny_batch(model)
     optimizer = make_optimizer(model, model.cfg)
     assert optimizer.defaults["fused"]  # the flag skips the update inside the fused kernel
@@ -74,7 +73,7 @@ def test_a_non_finite_step_changes_no_weight_and_is_flagged():
 
 
 def test_precision_setting_picks_the_autocast_and_cpu_runs_fp32():
-    # the choice itself (bf16 | fp32) is checked when the config is built: tests/test_train_config.py
+    # the choice itself (bf16 | fp32) is checked when the config is built: tests/sgmodel/test_train_config.py
     assert isinstance(precision_context(torch.device("cpu"), "bf16"), contextlib.nullcontext)
     assert isinstance(precision_context(torch.device("cuda"), "bf16"), torch.autocast)
     assert isinstance(precision_context(torch.device("cuda"), "fp32"), contextlib.nullcontext)

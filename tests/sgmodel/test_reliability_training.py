@@ -1,7 +1,7 @@
-"""Interrupted training beyond tests/test_train*.py: a real SIGKILL inside a checkpoint write, and a
+"""Interrupted training beyond tests/sgmodel/test_train*.py: a real SIGKILL inside a checkpoint write, and a
 checkpoint file that tries to run code.
 
-tests/test_train_checkpoint.py makes `torch.save` raise half-way (the cleanup path); here the process
+tests/sgmodel/test_train_checkpoint.py makes `torch.save` raise half-way (the cleanup path); here the process
 is killed by the kernel half-way through writing the file, so no cleanup runs at all: the last good
 checkpoint must still be the one a resume reads, and the resumed run must log every step once with
 the same learning rates and losses as an uninterrupted run.
@@ -23,9 +23,9 @@ import torch
 from sgdata.format.errors import UserError
 from sgmodel.checkpoint import load_checkpoint
 from sgmodel.train import main as train_main
-from test_train_fixtures import write_shards
+from tests.helpers.shards import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Installed as sitecustomize in the child: the Nth torch.save writes half its bytes, fsyncs them and
 # SIGKILLs its own process, as a power cut or an OOM kill in the middle of a checkpoint write would.

@@ -24,9 +24,8 @@ from sgdata.format.errors import UserError
 from sgmodel import serve as serve_module
 from sgmodel.cli import main as sgmodel_main
 from sgmodel.segment import Segmenter
-from test_evaluate_predict import trained  # noqa: F401  (the fixture: a checkpoint trained 3 steps on tiny shards)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 # headless, and nothing that reaches out of the machine (updates, sync, QUIC probes)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -10,9 +10,8 @@ import numpy as np
 from PIL import Image
 
 from sgmodel.cli import main as sgmodel_main
-from test_evaluate_predict import trained  # noqa: F401  (the fixture: a checkpoint trained 3 steps on tiny shards)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_help_lists_the_four_commands_and_each_has_help(capsys):

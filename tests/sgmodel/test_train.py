@@ -12,9 +12,9 @@ import torch
 from sgmodel.checkpoint import load_checkpoint
 from sgmodel.model import ShatterAndGather
 from sgmodel.train import lr_factor, main
-from test_train_fixtures import write_shards
+from tests.helpers.shards import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Killed(BaseException):

@@ -14,9 +14,9 @@ import shutil
 
 import pytest
 import torch
-from test_model_common import tiny_batch, tiny_config
 
 from sgmodel.model import ShatterAndGather
+from tests.helpers.tiny_model import tiny_batch, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "c++", "cc")), reason="torch.compile on CPU needs a C++ compiler"

@@ -33,9 +33,9 @@ from sgmodel.logs import configure_logging
 from sgmodel.shatter import EntitySlotAttention
 from sgmodel.train import main as train_main
 from sgmodel.train import resolve_config
-from test_train_fixtures import write_shards
+from tests.helpers.shards import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from sgmodel.evaluate import main as evaluate_main
 from sgmodel.predict import main as predict_main
 from sgmodel.train import lr_factor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
