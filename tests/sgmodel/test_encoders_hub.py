@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_common import tiny_config
+from tests.helpers.tiny_model import tiny_config
 
 from sgdata.format.errors import UserError
 from sgmodel.encoders import build_image_encoder, build_text_encoder, build_tokenizer

@@ -1,4 +1,4 @@
-"""Shards on object storage, against a real S3-compatible server on 127.0.0.1 (tests/s3_server.py).
+"""Shards on object storage, against a real S3-compatible server on 127.0.0.1 (tests/helpers/s3_server.py).
 
 What a local build promises holds for `--out s3://bucket/prefix`: the same tar bytes, index files,
 `verify`, resume after SIGKILL with every tar under its final key whole, a damaged shard found and
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from refer_fixture import make_refer_fixture
-from s3_server import s3_server
+from tests.helpers.refer_fixture import make_refer_fixture
+from tests.helpers.s3_server import s3_server
 from sgdata import api
 from sgdata.cli import app
 from sgdata.format import UserError, expand_shards
@@ -169,7 +169,7 @@ def test_train_and_evaluate_stream_from_s3(s3, refer, tmp_path):
 
     url = f"s3://{BUCKET}/train"
     api.build_refcoco(refer["refer_root"], refer["images_dir"], "refcoco", "unc", url, workers=0, shard_size=1)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     run = tmp_path / "run"
     code = train_main(["--config", str(root / "configs" / "tiny.yaml"), "--train-shards", url, "--out", str(run),
                        "--batch-size", "2", "--max-texts-per-image", "2", "--max-steps", "2"])

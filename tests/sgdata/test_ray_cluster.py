@@ -3,7 +3,7 @@ and writing the shards to a bucket: the walk-through of docs/sgdata.md on one ma
 
 The head runs in its own HOME, temp dir, ports and process session, so it neither sees nor disturbs
 another Ray on the machine; the fixture kills its whole session at the end, whatever happened. The
-bucket is a real S3-compatible server on 127.0.0.1 (tests/s3_server.py); head, workers and driver
+bucket is a real S3-compatible server on 127.0.0.1 (tests/helpers/s3_server.py); head, workers and driver
 find it through the standard AWS_* variables.
 """
 
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from refer_fixture import make_refer_fixture
-from s3_server import free_port, s3_server
+from tests.helpers.refer_fixture import make_refer_fixture
+from tests.helpers.s3_server import free_port, s3_server
 from sgdata import api
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
