@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.processes import session_processes
 from tests.helpers.refer_fixture import make_refer_fixture
 from tests.helpers.s3_server import free_port, s3_server
 from sgdata import api
@@ -31,27 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _session_processes(sid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 def _stop_head(proc: subprocess.Popen) -> None:
     """SIGKILL every process of the head's session (GCS, raylet, workers, agents): all started here."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 15
-    while (left := _session_processes(proc.pid)) and time.monotonic() < deadline:
+    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

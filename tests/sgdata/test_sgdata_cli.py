@@ -28,6 +28,7 @@ from sgdata import api
 from sgdata.cli import app
 from sgdata.format import caption_tile, is_temporary, make_grid, overlay_mask
 from sgdata.verify import verify_dataset
+from tests.helpers.processes import session_processes, slow_samples_pythonpath
 from tests.helpers.refer_fixture import make_refer_fixture
 
 runner = CliRunner()
@@ -181,42 +182,14 @@ def test_caption_tile_and_grid_sizes():
 
 # ---------------------------------------------------------------- kill -9 and resume
 
-SLOW_SAMPLES = '''
-import os, time
-if os.environ.get("SGDATA_TEST_SAMPLE_DELAY"):
-    import sgdata.samples as _samples
-    _make_sample, _delay = _samples.make_sample, float(os.environ["SGDATA_TEST_SAMPLE_DELAY"])
-
-    def _slow_make_sample(kind, spec, options):
-        time.sleep(_delay)
-        return _make_sample(kind, spec, options)
-
-    _samples.make_sample = _slow_make_sample
-'''
-
-
-def _session_processes(sid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 def _kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL the build's process group, then make sure nothing of its session (Ray included) survives."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 15
-    while _session_processes(proc.pid) and time.monotonic() < deadline:
+    while session_processes(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = _session_processes(proc.pid)
+    left = session_processes(proc.pid)
     for pid in left:  # these are processes this test started
         os.kill(pid, signal.SIGKILL)
     assert left == [], f"processes of the killed build outlived it: {left}"
@@ -239,12 +212,9 @@ def test_kill_9_at_several_points_then_resume_matches_a_clean_build(refer, tmp_p
     expected = tar_hashes(clean)
     assert len(expected) == 6
 
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_SAMPLES)
     ray_tmp = tempfile.mkdtemp(prefix="sgr", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    env.update(PYTHONPATH=slow_samples_pythonpath(tmp_path / "hooks", env.get("PYTHONPATH", "")),
                SGDATA_TEST_SAMPLE_DELAY="1.0", RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
     out = tmp_path / "out"
     # One Ray worker: shards finish one at a time, so the kill in step 3 cannot land after two shards that
@@ -292,7 +262,7 @@ def test_kill_9_at_several_points_then_resume_matches_a_clean_build(refer, tmp_p
         proc = start()
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr.decode(errors="replace")[-2000:]
-        assert _session_processes(proc.pid) == []
+        assert session_processes(proc.pid) == []
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert tar_hashes(out) == expected

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers.processes import slow_samples_pythonpath
 from tests.helpers.refer_fixture import make_refer_fixture
 from tests.helpers.s3_server import s3_server
 from sgdata import api
@@ -118,26 +119,9 @@ def test_shard_specs_on_s3_list_prefixes_globs_and_brace_patterns(s3, refer):
         expand_shards(f"{url}/testB/testB-{{000000..000002}}.tar")
 
 
-SLOW_SAMPLES = '''
-import os, time
-if os.environ.get("SGDATA_TEST_SAMPLE_DELAY"):
-    import sgdata.samples as _samples
-    _make_sample, _delay = _samples.make_sample, float(os.environ["SGDATA_TEST_SAMPLE_DELAY"])
-
-    def _slow_make_sample(kind, spec, options):
-        time.sleep(_delay)
-        return _make_sample(kind, spec, options)
-
-    _samples.make_sample = _slow_make_sample
-'''
-
-
 def test_sigkill_mid_build_then_resume_on_s3(s3, refer, local_hashes, tmp_path):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_SAMPLES)
     env = dict(os.environ, SGDATA_TEST_SAMPLE_DELAY="0.7",
-               PYTHONPATH=os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               PYTHONPATH=slow_samples_pythonpath(tmp_path / "hooks", os.environ.get("PYTHONPATH", "")))
     url = f"s3://{BUCKET}/killed"
     command = [sys.executable, "-m", "sgdata", *build_args(refer, url, "--workers", "0", "--shard-size", "1")]
 
