@@ -68,7 +68,7 @@ fi
 "$PY" -m pip freeze > "$OUT/logs/packages.txt" 2>/dev/null
 "$PY" -c "import torch, json; print(json.dumps({'device': torch.cuda.get_device_name(0), 'torch': torch.__version__, 'cuda': torch.version.cuda}))" > "$OUT/device.json"
 
-stage gpu-tests 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" tests/test_gpu.py
+stage gpu-tests 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" tests/sgmodel/test_gpu.py
 
 if [[ -n "${SG_PUBLIC_SAG:-}" ]]; then
     cp benchmarks/results.json "$OUT/results.json" 2>/dev/null || true

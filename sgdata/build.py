@@ -10,6 +10,9 @@ OUT's state machine:
   which deletes only files sgdata writes (shards, parts, index files, temporaries) and starts over.
 - Temporaries left by killed runs are removed before the run starts.
 
+OUT is a local folder or a prefix on object storage (`sgdata.store.Store`); every step below goes
+through the store, so both hold the same files and the same guarantees.
+
 A build that yields no sample in any split (and lost no shard) raises UserError after the merge: a
 dataset with nothing to train on is an error, and failures.jsonl is written first so it says why.
 One empty split beside others is not an error (the source notes it in the card).
@@ -27,12 +30,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sgdata.format.errors import UserError
-from sgdata.format.files import fsync_dir, is_temporary, write_json_atomic
+from sgdata.format.files import is_temporary
 from sgdata.manifest import ROOT_FILES, SPLIT_FILES, merge
 from sgdata.runner import Runner, ShardProgress, make_runner
 from sgdata.sources.base import SampleSpec, SourcePlan
+from sgdata.store import Store
 from sgdata.writer import (
-    SHARD_RE, ShardTask, part_path, shard_is_complete, shard_path, specs_digest, write_shard,
+    SHARD_RE, ShardTask, part_file, shard_file, shard_is_complete, specs_digest, write_shard,
 )
 
 BUILD_RECORD = ".build.json"
@@ -64,75 +68,73 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')} was {old!r}, now {new!r}"]
 
 
-def _sgdata_files(out: Path):
+def _sgdata_files(store: Store):
     """Every file in OUT that sgdata writes (and nothing else): what --overwrite may delete."""
+    files, folders = store.entries()
     for name in ROOT_FILES:
-        if (out / name).is_file():
-            yield out / name
-    for entry in sorted(out.iterdir()):
-        if entry.is_file() and is_temporary(entry.name):
-            yield entry
-        if not entry.is_dir() or entry.is_symlink():
-            continue
-        split = entry.name
-        for f in sorted(entry.iterdir()):
-            m = SHARD_RE.match(f.name)
-            if f.is_file() and ((m and m["split"] == split) or f.name in SPLIT_FILES or is_temporary(f.name)):
-                yield f
-        parts = entry / "parts"
-        if parts.is_dir() and not parts.is_symlink():
-            for f in sorted(parts.iterdir()):
-                m = PART_RE.match(f.name)
-                if f.is_file() and ((m and m["split"] == split) or is_temporary(f.name)):
-                    yield f
+        if name in files:
+            yield name
+    for name in files:
+        if is_temporary(name):
+            yield name
+    for split in folders:
+        split_files, _ = store.entries(split)
+        for name in split_files:
+            m = SHARD_RE.match(name)
+            if (m and m["split"] == split) or name in SPLIT_FILES or is_temporary(name):
+                yield f"{split}/{name}"
+        part_files, _ = store.entries(f"{split}/parts")
+        for name in part_files:
+            m = PART_RE.match(name)
+            if (m and m["split"] == split) or is_temporary(name):
+                yield f"{split}/parts/{name}"
 
 
-def clear_outputs(out: Path) -> int:
+def clear_outputs(store: Store) -> int:
     """Delete sgdata's files in OUT (and the folders that become empty); keep anything else."""
-    files = list(_sgdata_files(out))
-    for f in files:
-        f.unlink()
-    for entry in sorted(out.iterdir()):
-        for folder in (entry / "parts", entry):
-            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
-                folder.rmdir()
+    files = list(_sgdata_files(store))
+    for name in files:
+        store.delete(name)
+    for split in store.entries()[1]:
+        store.remove_empty_folder(f"{split}/parts")
+        store.remove_empty_folder(split)
     return len(files)
 
 
-def remove_temporaries(out: Path) -> int:
+def remove_temporaries(store: Store) -> int:
     """Remove temporaries of killed runs (a live writer of this same OUT is not supported)."""
-    stale = [f for f in _sgdata_files(out) if is_temporary(f.name)]
-    for f in stale:
-        f.unlink(missing_ok=True)
+    stale = [name for name in _sgdata_files(store) if is_temporary(name.rpartition("/")[2])]
+    for name in stale:
+        store.delete(name)
     return len(stale)
 
 
-def prepare_out(out: Path, record: dict[str, Any], overwrite: bool) -> None:
+def prepare_out(store: Store, record: dict[str, Any], overwrite: bool) -> None:
     """Refuse a different command on an existing OUT (unless overwrite), then record this one."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    record_path = out / BUILD_RECORD
+    found = store.is_folder()
+    if found is False:
+        raise UserError(f"--out {store.url()} exists and is not a folder.")
+    store.make_folder()
     if overwrite:
-        clear_outputs(out)
-    elif record_path.is_file():
+        clear_outputs(store)
+    elif store.is_file(BUILD_RECORD):
         try:
-            previous = json.loads(record_path.read_text())
+            previous = json.loads(store.read_text(BUILD_RECORD))
         except ValueError:
             previous = None
         if previous != record:
             diffs = _differences(previous, record) if isinstance(previous, dict) else ["unreadable record"]
             raise UserError(
-                f"{out} holds a build made by a different command ({'; '.join(diffs[:3])}): rerun the "
+                f"{store.url()} holds a build made by a different command ({'; '.join(diffs[:3])}): rerun the "
                 f"same command to resume it, or pass --overwrite to replace it."
             )
-    elif any(out.iterdir()):
-        raise UserError(f"{out} is not empty and holds no sgdata build: choose an empty --out or pass --overwrite.")
-    write_json_atomic(record_path, record)
-    remove_temporaries(out)
+    elif found and any(store.entries()):
+        raise UserError(f"{store.url()} is not empty and holds no sgdata build: choose an empty --out or pass --overwrite.")
+    store.write_json(BUILD_RECORD, record)
+    remove_temporaries(store)
 
 
-def shard_tasks(plan: SourcePlan, out: Path, options: Any, shard_size: int) -> dict[str, list[ShardTask]]:
+def shard_tasks(plan: SourcePlan, out: str | Path, options: Any, shard_size: int) -> dict[str, list[ShardTask]]:
     """Cut each split's key-sorted specs into consecutive chunks: shard i is fixed by the plan alone."""
     tasks: dict[str, list[ShardTask]] = {}
     for split in sorted(plan.splits):
@@ -144,22 +146,20 @@ def shard_tasks(plan: SourcePlan, out: Path, options: Any, shard_size: int) -> d
         if dotted:
             raise ValueError(f"sample keys must not contain dots: {dotted[:3]}")
         tasks[split] = [
-            ShardTask(split, i // shard_size, specs[i:i + shard_size], str(out), plan.kind, options,
+            ShardTask(split, i // shard_size, specs[i:i + shard_size], Store(out).root, plan.kind, options,
                       digest=specs_digest(specs[i:i + shard_size]))
             for i in range(0, len(specs), shard_size)
         ]
     return tasks
 
 
-def _remove_surplus_shards(out: Path, split: str, num_shards: int) -> None:
+def _remove_surplus_shards(store: Store, split: str, num_shards: int) -> None:
     """Shards numbered past the plan's count (the source shrank since a killed run) are not ours to keep."""
-    split_dir = out / split
-    if not split_dir.is_dir():
-        return
-    for f in list(split_dir.iterdir()) + list((split_dir / "parts").glob("*.json")):
-        m = SHARD_RE.match(f.name) or PART_RE.match(f.name)
-        if m and m["split"] == split and int(m["index"]) >= num_shards:
-            f.unlink()
+    for folder, pattern in ((split, SHARD_RE), (f"{split}/parts", PART_RE)):
+        for name in store.entries(folder)[0]:
+            m = pattern.match(name)
+            if m and m["split"] == split and int(m["index"]) >= num_shards:
+                store.delete(f"{folder}/{name}")
 
 
 def build(
@@ -185,23 +185,13 @@ def build(
         raise UserError(f"--shard-size must be at least 1, got {shard_size}.")
     if not any(plan.splits.values()) and not plan.failures:  # the sources say why themselves; this is the net
         raise UserError(f"no sample could be built: the {plan.kind} source holds no item.")
-    out = Path(out)
+    store = Store(out)
     record = build_record(plan, options, shard_size, command)
-    tasks_by_split = shard_tasks(plan, out, options, shard_size)
+    tasks_by_split = shard_tasks(plan, store.root, options, shard_size)
     runner = runner or make_runner(workers, ray_address)
-    prepare_out(out, record, overwrite)
-
-    todo, kept = [], 0
-    for split, tasks in tasks_by_split.items():
-        (out / split / "parts").mkdir(parents=True, exist_ok=True)
-        _remove_surplus_shards(out, split, len(tasks))
-        for task in tasks:
-            if shard_is_complete(out, split, task.index, task.digest):
-                kept += 1
-            else:  # an old tar or part must not stand in for this shard if redoing it fails
-                shard_path(out, split, task.index).unlink(missing_ok=True)
-                part_path(out, split, task.index).unlink(missing_ok=True)
-                todo.append(task)
+    with store.reaching():
+        prepare_out(store, record, overwrite)
+        todo, kept = _shards_to_write(store, tasks_by_split)
 
     # Longest first: the last tasks to start are the short ones, so no worker is left with a long tail
     # while the others idle (the order shards are written in does not change their bytes).
@@ -217,10 +207,11 @@ def build(
 
         failed = runner.run(todo, fn, on_done)
     for split in tasks_by_split:  # the shards' renames, made durable once (see sgdata.writer)
-        fsync_dir(out / split / "parts")
-        fsync_dir(out / split)
+        store.sync(f"{split}/parts")
+        store.sync(split)
     seconds = time.perf_counter() - start
-    remove_temporaries(out)  # left by workers that crashed (their tasks were retried); none is running now
+    with store.reaching():
+        remove_temporaries(store)  # left by workers that crashed (their tasks were retried); none is running now
 
     startup = float(getattr(runner, "startup_seconds", 0.0))
     work_seconds = seconds - startup
@@ -235,25 +226,42 @@ def build(
         "runner": type(runner).__name__,
     }
     num_shards = {split: len(tasks) for split, tasks in tasks_by_split.items()}
-    stats = merge(out, plan, num_shards, record, run)
+    with store.reaching():
+        stats = merge(store, plan, num_shards, record, run)
     if not failed and not any(s["samples"] for s in stats.values()):
-        raise UserError(_nothing_built(out, plan, stats))
+        raise UserError(_nothing_built(store, plan, stats))
     return {
-        "out": str(out),
+        "out": store.url(),
         "kind": plan.kind,
         "splits": {split: {k: s[k] for k in ("samples", "texts", "shards", "shards_expected", "bytes",
                                                "failures", "failures_by_reason")}
                    for split, s in stats.items()},
         "failures": sum(s["failures"] for s in stats.values()) + sum(1 for f in plan.failures if f.split not in stats),
         "failed_shards": [
-            {"shard": str(shard_path(out, f.task.split, f.task.index).relative_to(out)), "error": f.error}
+            {"shard": shard_file(f.task.split, f.task.index), "error": f.error}
             for f in failed
         ],
         **run,
     }
 
 
-def _nothing_built(out: Path, plan: SourcePlan, stats: dict[str, dict[str, Any]]) -> str:
+def _shards_to_write(store: Store, tasks_by_split: dict[str, list[ShardTask]]) -> tuple[list[ShardTask], int]:
+    """(the tasks whose shard is not complete, how many shards are kept from an earlier run)."""
+    todo, kept = [], 0
+    for split, tasks in tasks_by_split.items():
+        store.make_folder(f"{split}/parts")
+        _remove_surplus_shards(store, split, len(tasks))
+        for task in tasks:
+            if shard_is_complete(store, split, task.index, task.digest):
+                kept += 1
+            else:  # an old tar or part must not stand in for this shard if redoing it fails
+                store.delete(shard_file(split, task.index))
+                store.delete(part_file(split, task.index))
+                todo.append(task)
+    return todo, kept
+
+
+def _nothing_built(store: Store, plan: SourcePlan, stats: dict[str, dict[str, Any]]) -> str:
     """The sentence for a build whose every item was skipped (written after the merge, so the list is there)."""
     reasons = Counter(f.reason for f in plan.failures if f.split not in stats)
     for split_stats in stats.values():
@@ -261,7 +269,7 @@ def _nothing_built(out: Path, plan: SourcePlan, stats: dict[str, dict[str, Any]]
     top = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(3))
     more = ", ..." if len(reasons) > 3 else ""
     return (f"no sample could be built: every item was skipped ({sum(reasons.values())} failures: {top}{more}); "
-            f"see {out / 'failures.jsonl'}.")
+            f"see {store.url('failures.jsonl')}.")
 
 
 def summary_table(summary: dict[str, Any]):

@@ -29,7 +29,8 @@ app = typer.Typer(
 build_app = typer.Typer(no_args_is_help=True, help="Build shards from one of the sources below (one command each).")
 app.add_typer(build_app, name="build")
 
-Out = Annotated[Path, typer.Option("--out", help="Output folder (on storage every node sees when joining a cluster).")]
+Out = Annotated[str, typer.Option("--out", help=(
+    "Output folder, or object storage such as s3://bucket/prefix (on a cluster: storage every node reaches)."))]
 Workers = Annotated[Optional[int], typer.Option(
     "--workers", help="Local Ray CPUs (default: all cores); 0 runs in this process without Ray.")]
 RayAddress = Annotated[Optional[str], typer.Option(
@@ -159,7 +160,7 @@ def _print_inspect(report: dict) -> None:
 
 @app.command("verify")
 @user_errors
-def verify_command(out: Annotated[Path, typer.Argument(metavar="OUT", help="The --out folder of a build.")]) -> None:
+def verify_command(out: Annotated[str, typer.Argument(metavar="OUT", help="The --out folder or URL of a build.")]) -> None:
     """Integrity check: exit 0 only if every shard is whole and matches its manifest."""
     problems = api.verify(out)
     for problem in problems:

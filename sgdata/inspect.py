@@ -1,7 +1,7 @@
 """Look inside shards: counts, sizes, texts and a few samples (and, via render_grid, a PNG grid).
 
 Reads the tars with `tarfile` directly, so it also works on a dataset whose manifest is missing
-or disagrees (verify uses the same reader).
+or disagrees (verify uses the same reader). SHARDS may name object storage (s3://bucket/prefix).
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from sgdata.format.errors import UserError
 from sgdata.format.rle import rle_to_mask
 from sgdata.format.samples import sample_meta, sample_texts
 from sgdata.format.shards import expand_shards, iter_tar_samples
+from sgdata.format.storage import reaching
+from sgdata.format.storage import stat as shard_stat
 
 
-def iter_samples(spec: str | Path) -> Iterator[tuple[Path, str, dict[str, bytes]]]:
+def iter_samples(spec: str | Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
     for shard in expand_shards(spec):
         for key, files in iter_tar_samples(shard):
-            yield Path(shard), key, files
+            yield shard, key, files
 
 
 def _spread(values: list[float]) -> dict[str, float] | None:
@@ -32,7 +34,7 @@ def _spread(values: list[float]) -> dict[str, float] | None:
 
 def inspect_shards(spec: str | Path, examples: int = 3) -> dict[str, Any]:
     """Counts, sizes and texts of the shards at `spec`, and the first `examples` samples."""
-    shards = [Path(s) for s in expand_shards(spec)]
+    shards = expand_shards(spec)
     extensions: Counter[str] = Counter()
     widths, heights, texts_per_sample, shown, problems = [], [], [], [], []
     samples = 0
@@ -48,16 +50,18 @@ def inspect_shards(spec: str | Path, examples: int = 3) -> dict[str, Any]:
                     widths.append(meta["width"])
                     heights.append(meta["height"])
                 if len(shown) < examples:
-                    shown.append({"shard": shard.name, "key": key, "width": meta.get("width"),
+                    shown.append({"shard": shard.rpartition("/")[2], "key": key, "width": meta.get("width"),
                                   "height": meta.get("height"), "files": sorted(files), "texts": texts})
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             problems.append(f"{shard}: unreadable ({e})")
+    with reaching(str(spec)):
+        total_bytes = sum(shard_stat(s)[0] for s in shards)
     return {
-        "shards": [str(s) for s in shards],
+        "shards": list(shards),
         "num_shards": len(shards),
         "samples": samples,
         "texts": sum(texts_per_sample),
-        "bytes": sum(s.stat().st_size for s in shards),
+        "bytes": total_bytes,
         "extensions": dict(sorted(extensions.items())),
         "width": _spread(widths),
         "height": _spread(heights),

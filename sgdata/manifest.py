@@ -10,14 +10,13 @@ Everything is derived from the parts, so the merge can be rerun at any time (res
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterator
 
-from sgdata.format.files import JSON_TEXT_ERRORS, atomic_write, temporary_name, write_json_atomic
+from sgdata.format.files import JSON_TEXT_ERRORS
 from sgdata.sources.base import Failure, SourcePlan
-from sgdata.writer import part_path, shard_is_complete
+from sgdata.store import Store
+from sgdata.writer import part_file, shard_is_complete
 
 MANIFEST_COLUMNS = ("key", "shard", "source_id", "width", "height", "num_texts", "texts")
 SPLIT_FILES = ("manifest.parquet", "stats.json", "sizes.json", "index.wids.json")
@@ -35,14 +34,14 @@ def manifest_schema():
     ])
 
 
-def iter_complete_parts(out: Path, split: str, num_shards: int) -> Iterator[dict[str, Any]]:
+def iter_complete_parts(store: Store, split: str, num_shards: int) -> Iterator[dict[str, Any]]:
     """The part records of the split's complete shards, in shard order, one at a time."""
     for index in range(num_shards):
-        if shard_is_complete(out, split, index):
-            yield json.loads(part_path(out, split, index).read_text())
+        if shard_is_complete(store, split, index):
+            yield json.loads(store.read_text(part_file(split, index)))
 
 
-def write_split_outputs(out: Path, split: str, num_shards: int, planning_failures: list[Failure],
+def write_split_outputs(store: Store, split: str, num_shards: int, planning_failures: list[Failure],
                         run: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Write the split's manifest, stats, sizes and wids index; return its stats and sample failures.
 
@@ -51,18 +50,15 @@ def write_split_outputs(out: Path, split: str, num_shards: int, planning_failure
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    split_dir = out / split
-    split_dir.mkdir(parents=True, exist_ok=True)
+    store.make_folder(split)
     sizes: dict[str, int] = {}
     reasons = Counter(f.reason for f in planning_failures)
     failures: list[dict[str, str]] = []
     totals: Counter = Counter()
     extensions: set[str] = set()
-    manifest = split_dir / "manifest.parquet"
-    tmp = temporary_name(manifest)
     schema = manifest_schema()
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for part in iter_complete_parts(out, split, num_shards):
+    with store.writing(f"{split}/manifest.parquet") as f, pq.ParquetWriter(f, schema) as writer:
+        for part in iter_complete_parts(store, split, num_shards):
             columns = {name: [row[name] for row in part["rows"]] for name in MANIFEST_COLUMNS}
             writer.write_table(pa.table(columns, schema=schema))
             sizes[part["shard"]] = part["samples"]
@@ -71,10 +67,9 @@ def write_split_outputs(out: Path, split: str, num_shards: int, planning_failure
             extensions.update(part["extensions"])
             totals.update(samples=part["samples"], texts=part["texts"], bytes=part["bytes"])
             totals["seconds"] += part["seconds"]
-    os.replace(tmp, manifest)
 
-    write_json_atomic(split_dir / "sizes.json", sizes)
-    write_json_atomic(split_dir / "index.wids.json", {
+    store.write_json(f"{split}/sizes.json", sizes)
+    store.write_json(f"{split}/index.wids.json", {
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
         "name": split,
@@ -99,7 +94,7 @@ def write_split_outputs(out: Path, split: str, num_shards: int, planning_failure
         "extensions": sorted(extensions),
         "run": run,  # wall clock of the last command over all splits
     }
-    write_json_atomic(split_dir / "stats.json", stats)
+    store.write_json(f"{split}/stats.json", stats)
     return stats, failures
 
 
@@ -107,24 +102,23 @@ def failure_sort_key(failure: dict[str, str]) -> tuple[str, ...]:
     return (failure.get("split", ""), failure["path"], failure["reason"], failure.get("detail", ""))
 
 
-def merge(out: Path, plan: SourcePlan, num_shards: dict[str, int], build_record: dict[str, Any],
+def merge(store: Store, plan: SourcePlan, num_shards: dict[str, int], build_record: dict[str, Any],
           run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Write every index file from the parts on disk; return the per-split stats."""
     from sgdata import __version__
 
-    out = Path(out)
     stats = {}
     failures = [f.to_json() for f in plan.failures]
     for split in sorted(num_shards):
         split_failures = [f for f in plan.failures if f.split == split]
-        stats[split], sample_failures = write_split_outputs(out, split, num_shards[split], split_failures, run)
+        stats[split], sample_failures = write_split_outputs(store, split, num_shards[split], split_failures, run)
         failures += sample_failures
     failures.sort(key=failure_sort_key)
-    with atomic_write(out / "failures.jsonl", "w", errors=JSON_TEXT_ERRORS) as f:
+    with store.writing("failures.jsonl") as f:
         for failure in failures:
-            f.write(json.dumps(failure, sort_keys=True, ensure_ascii=False) + "\n")
+            f.write((json.dumps(failure, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8", JSON_TEXT_ERRORS))
 
-    write_json_atomic(out / "dataset.json", {
+    store.write_json("dataset.json", {
         "format": FORMAT,
         "sgdata_version": __version__,
         "kind": plan.kind,

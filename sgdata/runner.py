@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from sgdata.cluster import check_cluster
 from sgdata.format.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class RayRunner:
         quiet = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
         try:
             if self.address:
+                check_cluster(self.address)  # one sentence for a head that will not take us (auth, address)
                 ray.init(address=self.address, logging_level="WARNING")
             else:
                 ray.init(address="local", num_cpus=self.num_cpus, **quiet)

@@ -4,11 +4,15 @@ Checked per split of `dataset.json`: each expected shard and its part exist; the
 size match its part record; the tar opens and reads to the end; its samples are exactly the
 manifest's keys for that shard, in order, each with the part's extensions; the manifest's row count
 matches the card; no temporary or unlisted tar is left in the split folder.
+
+OUT may be a storage URL (`s3://bucket/prefix`): each tar is then read once, hashed and parsed in the
+same pass.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from collections import defaultdict
@@ -17,49 +21,69 @@ from pathlib import Path
 from sgdata.format.errors import UserError
 from sgdata.format.files import is_temporary
 from sgdata.format.shards import iter_tar_samples
-from sgdata.writer import SHARD_RE, part_path, shard_name
+from sgdata.store import Store
+from sgdata.writer import SHARD_RE, part_file, shard_file, shard_name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes what is read through it (verify reads each tar once)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.f.read(len(buffer))
+        self.sha.update(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def finish(self) -> str:
+        """Hash what the tar reader left unread (end-of-archive padding) and return the digest."""
+        for block in iter(lambda: self.f.read(1 << 20), b""):
+            self.sha.update(block)
+        return self.sha.hexdigest()
 
 
-def _manifest_keys(path: Path) -> dict[str, list[str]]:
+def _manifest_keys(store: Store, name: str) -> dict[str, list[str]]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["key", "shard"])
+    table = pq.read_table(io.BytesIO(store.read_bytes(name)), columns=["key", "shard"])
     by_shard: dict[str, list[str]] = defaultdict(list)
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
         by_shard[shard].append(key)
     return by_shard
 
 
-def _verify_shard(out: Path, split: str, index: int, manifest_keys: list[str]) -> list[str]:
-    name = shard_name(split, index)
-    tar, part = out / split / name, part_path(out, split, index)
-    where = f"{split}/{name}"
-    if not tar.is_file():
+def _verify_shard(store: Store, split: str, index: int, manifest_keys: list[str]) -> list[str]:
+    where = shard_file(split, index)
+    part = part_file(split, index)
+    size = store.size(where)
+    if size is None:
         return [f"{where}: missing"]
-    if not part.is_file():
-        return [f"{where}: its part record {part.relative_to(out)} is missing"]
+    if not store.is_file(part):
+        return [f"{where}: its part record {part} is missing"]
     try:
-        record = json.loads(part.read_text())
+        record = json.loads(store.read_text(part))
     except ValueError:
-        return [f"{where}: its part record {part.relative_to(out)} is not valid JSON"]
+        return [f"{where}: its part record {part} is not valid JSON"]
     problems = []
-    size = tar.stat().st_size
     if size != record.get("bytes"):
         problems.append(f"{where}: {size} bytes, its part record says {record.get('bytes')} (truncated or replaced)")
-    if _sha256(tar) != record.get("sha256"):
+    with store.open(where) as raw:
+        reader = _HashingReader(raw)
+        try:
+            samples = list(iter_tar_samples(io.BufferedReader(reader, 1 << 20)))
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            samples, unreadable = None, f"{where}: does not open as a complete tar ({e})"
+        digest = reader.finish()
+    if digest != record.get("sha256"):
         problems.append(f"{where}: sha256 differs from its part record (tampered or corrupt)")
-    try:
-        samples = list(iter_tar_samples(tar))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        return problems + [f"{where}: does not open as a complete tar ({e})"]
+    if samples is None:
+        return problems + [unreadable]
     keys = [key for key, _ in samples]
     if keys != manifest_keys:
         missing = sorted(set(manifest_keys) - set(keys))
@@ -76,26 +100,29 @@ def _verify_shard(out: Path, split: str, index: int, manifest_keys: list[str]) -
 
 
 def verify_dataset(out: str | Path) -> list[str]:
-    """Return the problems found in the dataset at `out` (empty: every shard is whole and listed)."""
-    out = Path(out)
-    if not out.is_dir():
-        raise UserError(f"{out} is not a folder: give the --out folder of a build.")
-    card_path = out / "dataset.json"
-    if not card_path.is_file():
-        return [f"{out}: no dataset.json (the build did not finish; rerun its command)"]
+    """Return the problems found in the dataset at `out` (a folder or a storage URL; empty: all good)."""
+    store = Store(out)
+    with store.reaching():
+        return _verify(store)
+
+
+def _verify(store: Store) -> list[str]:
+    if not store.is_folder():
+        raise UserError(f"{store.url()} is not a folder: give the --out folder of a build.")
+    if not store.is_file("dataset.json"):
+        return [f"{store.url()}: no dataset.json (the build did not finish; rerun its command)"]
     try:
-        card = json.loads(card_path.read_text())
+        card = json.loads(store.read_text("dataset.json"))
     except ValueError:
-        return [f"{card_path}: not valid JSON"]
+        return [f"{store.url('dataset.json')}: not valid JSON"]
     problems = []
-    for entry in sorted(out.iterdir()):
-        if is_temporary(entry.name):
-            problems.append(f"{entry.name}: stray temporary file")
+    for name in store.entries()[0]:
+        if is_temporary(name):
+            problems.append(f"{name}: stray temporary file")
     for split, info in sorted(card.get("splits", {}).items()):
-        split_dir = out / split
         num_shards = int(info.get("shards", 0))
         try:
-            by_shard = _manifest_keys(split_dir / "manifest.parquet")
+            by_shard = _manifest_keys(store, f"{split}/manifest.parquet")
         except Exception as e:  # missing or unreadable parquet: one line, go on with the other splits
             problems.append(f"{split}/manifest.parquet: unreadable ({type(e).__name__})")
             continue
@@ -106,15 +133,13 @@ def verify_dataset(out: str | Path) -> list[str]:
         for name in sorted(set(by_shard) - expected):
             problems.append(f"{split}/manifest.parquet: lists {name}, which is not a shard of this build")
         for index in range(num_shards):
-            problems += _verify_shard(out, split, index, by_shard.get(shard_name(split, index), []))
-        if split_dir.is_dir():
-            for folder in (split_dir, split_dir / "parts"):
-                for f in sorted(folder.iterdir()) if folder.is_dir() else []:
-                    rel = f.relative_to(out)
-                    if is_temporary(f.name):
-                        problems.append(f"{rel}: stray temporary file")
-                    elif folder == split_dir and SHARD_RE.match(f.name) and f.name not in expected:
-                        problems.append(f"{rel}: shard not listed in dataset.json")
+            problems += _verify_shard(store, split, index, by_shard.get(shard_name(split, index), []))
+        for folder in (split, f"{split}/parts"):
+            for name in store.entries(folder)[0]:
+                if is_temporary(name):
+                    problems.append(f"{folder}/{name}: stray temporary file")
+                elif folder == split and SHARD_RE.match(name) and name not in expected:
+                    problems.append(f"{folder}/{name}: shard not listed in dataset.json")
         if not info.get("complete", True):
             problems.append(f"{split}: the build left shards unfinished; rerun its command")
     return problems

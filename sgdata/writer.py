@@ -4,16 +4,16 @@ Completion rule (what resume and verify rely on): a shard is complete when its t
 `OUT/<split>/<split>-NNNNNN.tar` AND its part `OUT/<split>/parts/<split>-NNNNNN.json` both exist
 under their final names and the part's `bytes` equals the tar's size. Order of the steps:
 
-1. the tar is written under a temporary name (`.<name>.tmp-<host>-<pid>`), flushed and fsynced;
-2. the part (manifest rows, failures, counts, sha256 of the tar) is written the same way and
-   renamed to its final name;
-3. the tar is renamed to its final name.
+1. the tar is written to a temporary (locally: `.<name>.tmp-<host>-<pid>` beside it, fsynced);
+2. the part (manifest rows, failures, counts, sha256 of the tar) is published under its final name;
+3. the tar is published under its final name (locally a rename; on object storage one upload,
+   which the store shows only once complete; see `sgdata.store`).
 
 A kill between 2 and 3 leaves a part without a tar: the shard counts as missing and is redone.
-A partial tar can never appear under its final name because rename is atomic. The renames are made
-durable by the build, which fsyncs each split's folders once after the last shard (not every worker
-after every shard): a machine crash before that can only lose a rename, i.e. mark a whole shard as
-not done, and resume redoes it.
+A partial tar can never appear under its final name because publishing is atomic. Local renames
+are made durable by the build, which fsyncs each split's folders once after the last shard (not
+every worker after every shard): a machine crash before that can only lose a rename, i.e. mark a
+whole shard as not done, and resume redoes it.
 
 The tar bytes depend only on the task's specs and options: POSIX (pax) format (admits long and
 non-ASCII names), fixed mtime (0), uid/gid 0, empty user/group names, mode 0444, members in spec
@@ -27,18 +27,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from sgdata.format.errors import SampleError
-from sgdata.format.files import temporary_name, write_json_atomic
 from sgdata.format.shards import is_valid_key
 from sgdata.sources.base import Failure, Finalized, SampleSpec
+from sgdata.store import Store
 
 SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
 
@@ -50,7 +48,7 @@ class ShardTask:
     split: str
     index: int
     specs: list[SampleSpec]
-    out_dir: str  # the dataset root OUT (the shard goes to OUT/<split>/)
+    out_dir: str  # the dataset root OUT, a path or a storage URL (the shard goes to OUT/<split>/)
     kind: str  # the source kind, handed to make_sample
     options: Any  # sgdata.samples.SampleOptions
     digest: str = ""  # specs_digest(specs) when the planner already computed it (the worker then need not)
@@ -63,12 +61,14 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def shard_path(out_dir: str | Path, split: str, index: int) -> Path:
-    return Path(out_dir) / split / shard_name(split, index)
+def shard_file(split: str, index: int) -> str:
+    """The shard's name inside OUT."""
+    return f"{split}/{shard_name(split, index)}"
 
 
-def part_path(out_dir: str | Path, split: str, index: int) -> Path:
-    return Path(out_dir) / split / "parts" / f"{split}-{index:06d}.json"
+def part_file(split: str, index: int) -> str:
+    """The shard's part record's name inside OUT."""
+    return f"{split}/parts/{split}-{index:06d}.json"
 
 
 def specs_digest(specs: list[SampleSpec]) -> str:
@@ -80,16 +80,16 @@ def specs_digest(specs: list[SampleSpec]) -> str:
     return h.hexdigest()
 
 
-def shard_is_complete(out_dir: str | Path, split: str, index: int, digest: str | None = None) -> bool:
+def shard_is_complete(store: Store, split: str, index: int, digest: str | None = None) -> bool:
     """True when tar and part exist, the part's byte count matches the tar and (if given) the plan digest."""
-    tar, part = shard_path(out_dir, split, index), part_path(out_dir, split, index)
-    if not (tar.is_file() and part.is_file()):
+    size = store.size(shard_file(split, index))
+    if size is None:
         return False
     try:
-        record = json.loads(part.read_text())
-    except (OSError, ValueError):
+        record = json.loads(store.read_text(part_file(split, index)))
+    except (OSError, ValueError):  # FileNotFoundError included
         return False
-    if record.get("bytes") != tar.stat().st_size:
+    if record.get("bytes") != size:
         return False
     return digest is None or record.get("specs_digest") == digest
 
@@ -183,40 +183,35 @@ def write_shard(
     """
     start = time.perf_counter()
     name = shard_name(task.split, task.index)
-    final_tar = shard_path(task.out_dir, task.split, task.index)
-    final_part = part_path(task.out_dir, task.split, task.index)
-    final_part.parent.mkdir(parents=True, exist_ok=True)
-    tmp_tar = temporary_name(final_tar)
+    store = Store(task.out_dir)
+    store.make_folder(f"{task.split}/parts")
 
     rows: list[dict[str, Any]] = []
     failures: list[Failure] = []
     extensions: list[str] | None = None
-    try:
-        with open(tmp_tar, "wb") as raw:
-            hashing = _HashingFile(raw)
-            # one read and one write per member (the default copies in 16 KiB chunks: 10x the calls)
-            tar = tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFFER_BYTES)
-            for spec in task.specs:
-                assert is_valid_key(spec.key), f"sample key {spec.key!r} is empty or contains a dot"
-                try:
-                    fin = make_sample(task.kind, spec, task.options)
-                except SampleError as e:
-                    failures.append(Failure(spec.image_path, e.reason, e.detail, task.split))
-                    continue
-                exts = sorted(fin.files)
-                if extensions is None:
-                    extensions = exts
-                elif exts != extensions:  # HF datasets infers columns from the first samples
-                    raise ValueError(f"sample {spec.key} has extensions {exts}, shard has {extensions}")
-                for ext in exts:
-                    tar.addfile(_member(f"{spec.key}.{ext}", len(fin.files[ext])), io.BytesIO(fin.files[ext]))
-                rows.append(_manifest_row(spec.key, name, fin))
-                for failure in fin.failures:
-                    failure.split = failure.split or task.split
-                    failures.append(failure)
-            tar.close()
-            raw.flush()
-            os.fsync(raw.fileno())
+    with store.writing(shard_file(task.split, task.index)) as raw:  # published when this block ends
+        hashing = _HashingFile(raw)
+        # one read and one write per member (the default copies in 16 KiB chunks: 10x the calls)
+        tar = tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFFER_BYTES)
+        for spec in task.specs:
+            assert is_valid_key(spec.key), f"sample key {spec.key!r} is empty or contains a dot"
+            try:
+                fin = make_sample(task.kind, spec, task.options)
+            except SampleError as e:
+                failures.append(Failure(spec.image_path, e.reason, e.detail, task.split))
+                continue
+            exts = sorted(fin.files)
+            if extensions is None:
+                extensions = exts
+            elif exts != extensions:  # HF datasets infers columns from the first samples
+                raise ValueError(f"sample {spec.key} has extensions {exts}, shard has {extensions}")
+            for ext in exts:
+                tar.addfile(_member(f"{spec.key}.{ext}", len(fin.files[ext])), io.BytesIO(fin.files[ext]))
+            rows.append(_manifest_row(spec.key, name, fin))
+            for failure in fin.failures:
+                failure.split = failure.split or task.split
+                failures.append(failure)
+        tar.close()
         record = {
             "split": task.split,
             "index": task.index,
@@ -232,9 +227,5 @@ def write_shard(
             "rows": rows,
             "failures": [f.to_json() for f in failures],
         }
-        write_json_atomic(final_part, record)
-        os.replace(tmp_tar, final_tar)
-    finally:
-        if tmp_tar.exists():
-            tmp_tar.unlink()
+        store.write_json(part_file(task.split, task.index), record)  # the part first: see the module docstring
     return record

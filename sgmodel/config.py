@@ -58,7 +58,8 @@ class Section:
 @dataclass(frozen=True)
 class ImageEncoderConfig(Section):
     image_encoder: Literal["vit", "efficientnet_lite"] = "vit"  # transformers ViTModel | EfficientNet-Lite
-    # Local pretrained weights: a transformers folder for vit; a .pth state dict, or
+    # Pretrained weights: for vit a transformers folder or a Hugging Face Hub id (facebook/dino-vits16,
+    # resolved through the Hub cache); for efficientnet_lite a .pth state dict, or
     # "package:efficientnet-lite0" for the weights shipped by the demo extra. "" = random init.
     image_encoder_path: str = ""
     image_size: tuple[int, int] = setting((384, 384), minimum=1)  # (height, width) the images are resized to
@@ -74,9 +75,9 @@ class ImageEncoderConfig(Section):
 @dataclass(frozen=True)
 class TextEncoderConfig(Section):
     text_encoder: Literal["bert"] = "bert"
-    # A local transformers folder, or "package:all-minilm-l6-v2" (demo extra). "" = random BERT.
+    # A transformers folder, a Hub id (bert-base-uncased), or "package:all-minilm-l6-v2" (demo extra). "" = random BERT.
     text_encoder_path: str = ""
-    # Tokenizer folder; "" = the text encoder's folder, or a byte-level tokenizer for random init.
+    # Tokenizer folder or Hub id; "" = the text encoder's, or a byte-level tokenizer for random init.
     tokenizer_path: str = ""
     bert_hidden: int = setting(768, minimum=1)  # random-init BERT config (BERT-base); ignored when a path is given
     bert_layers: int = setting(12, minimum=1)

@@ -37,20 +37,48 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from sgdata.format import UserError, decode_rgb, parse_mixture, sample_texts, text_refs
+from sgdata.format.storage import is_url, open_shard, read_text
 from sgmodel.batch import Batch
 
 # ---- shard lists ---------------------------------------------------------------------------------
 
 
+def tar_samples(shards: Iterator[dict], handler: Callable = wds.reraise_exception,
+                select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """webdataset's tar-to-samples stage, with each shard opened by `sgdata.format.storage.open_shard`,
+    so local paths and object-storage URLs (s3://...) stream the same way."""
+
+    def opened(shards):
+        for shard in shards:
+            try:
+                stream = open_shard(shard["url"])
+            except Exception as exn:
+                exn.args = exn.args + (shard["url"],)
+                if handler(exn):
+                    continue
+                break
+            try:
+                yield dict(shard, stream=stream)
+            finally:
+                stream.close()
+
+    files = wds.tariterators.tar_file_expander(opened(shards), handler=handler, select_files=select_files)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
+def _folder_of(url: str) -> str:
+    return url.rpartition("/")[0] if is_url(url) else os.path.dirname(os.path.abspath(url))
+
+
 def _sizes_index(folder: str) -> dict[str, int]:
     """Sample counts per shard file name from sgdata's sizes.json (or a wids index) in `folder`."""
     for name in ("sizes.json", "index.wids.json"):
-        path = Path(folder) / name
-        if not path.is_file():
-            continue
         try:
-            data = json.loads(path.read_text())
+            text = read_text(f"{folder}/{name}")
+            data = json.loads(text) if text is not None else None
         except (OSError, ValueError):
+            continue
+        if data is None:
             continue
         if isinstance(data, dict) and isinstance(data.get("shardlist"), list):  # wids: [{"url", "nsamples"}]
             return {Path(s["url"]).name: int(s["nsamples"]) for s in data["shardlist"] if "url" in s and "nsamples" in s}
@@ -63,7 +91,7 @@ def _sizes_index(folder: str) -> dict[str, int]:
 
 def _count_tar_samples(url: str) -> int:
     try:
-        with tarfile.open(url) as tar:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             return len({base_plus_ext(m.name)[0] for m in tar if m.isfile()} - {None})  # keys as webdataset groups them
     except (OSError, tarfile.TarError) as exc:
         raise UserError(f"shard {url} cannot be read as a tar file ({exc})") from None
@@ -74,10 +102,10 @@ def count_samples(urls: list[str]) -> int:
     indexes: dict[str, dict[str, int]] = {}
     total = 0
     for url in urls:
-        folder = os.path.dirname(os.path.abspath(url))
+        folder = _folder_of(url)
         if folder not in indexes:
             indexes[folder] = _sizes_index(folder)
-        name = os.path.basename(url)
+        name = url.rpartition("/")[2]
         total += indexes[folder][name] if name in indexes[folder] else _count_tar_samples(url)
     return total
 
@@ -245,7 +273,7 @@ class TrainStream(IterableDataset):
         shards = itertools.islice(shards, worker, None, num_workers)  # worker splitter (see __iter__ for `worker`)
         skip_images = self.features is not None and self.features.has_images
         select = (lambda name: not name.endswith(".jpg")) if skip_images else None
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=select)(shards)
+        samples = tar_samples(shards, handler=wds.warn_and_continue, select_files=select)
         samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=random.Random(rng_seed))(samples)
         return _parsed(samples, needs_jpg=not skip_images)
 

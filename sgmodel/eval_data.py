@@ -19,7 +19,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from sgdata.format import UserError, decode_rgb
-from sgmodel.data import batched, image_to_tensor
+from sgdata.format.storage import open_shard
+from sgmodel.data import batched, image_to_tensor, tar_samples
 
 
 def eval_phrases(sample_json: dict) -> list[tuple[str, dict]]:
@@ -40,7 +41,7 @@ def eval_phrase_refs(sample_json: dict) -> list[tuple[str, dict, Any]]:
 
 def _first_json(url: str) -> dict | None:
     try:
-        with tarfile.open(url) as tar:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
                     return json.loads(tar.extractfile(member).read())
@@ -94,7 +95,7 @@ class EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         shards = wds.split_by_worker(iter([{"url": u} for u in self.urls]))
-        samples = wds.tarfile_to_samples()(shards)
+        samples = tar_samples(shards)
         items = (item for item in map(self._item, samples) if item is not None)
         yield from batched(items, self.batch_size, self.tokenizer, self.max_length, partial=True)
 

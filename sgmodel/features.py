@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 from sgdata.format import UserError, sample_texts
+from sgdata.format.storage import is_url
+from sgdata.format.storage import stat as shard_stat
 from sgmodel import distributed as dist
 from sgmodel.checkpoint import atomic_torch_save
-from sgmodel.data import count_samples, decode_image
+from sgmodel.data import count_samples, decode_image, tar_samples
 
 FORMAT = "sgmodel-features/1"
 FP16_MAX = 65504.0
@@ -63,13 +64,18 @@ def encoder_fingerprint(encoder: torch.nn.Module, settings: str) -> str:
     return digest.hexdigest()[:20]
 
 
+def _where(url: str) -> str:
+    return url if is_url(url) else os.path.abspath(url)
+
+
 def shard_fingerprint(url: str) -> str:
-    stat = os.stat(url)
-    return hashlib.sha1(f"{os.path.abspath(url)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    """Names one version of a shard: its location, size and modification time (an ETag on object storage)."""
+    size, version = shard_stat(url)
+    return hashlib.sha1(f"{_where(url)}|{size}|{version}".encode()).hexdigest()[:20]
 
 
 def _shard_samples(url: str) -> Any:
-    return wds.tarfile_to_samples()(iter([{"url": url}]))
+    return tar_samples(iter([{"url": url}]))
 
 
 def _chunks(iterable, size: int):
@@ -107,7 +113,7 @@ def build_image_features(encoder: torch.nn.Module, url: str, image_size: tuple[i
     return {
         "format": FORMAT,
         "identity": identity,
-        "shard": os.path.abspath(url),
+        "shard": _where(url),
         "keys": keys,
         "tokens": torch.cat(grids) if grids else torch.zeros(0, 0, width, dtype=torch.float16),  # (S, N, C)
         "sum": channel_sum.cpu() if channel_sum is not None else torch.zeros(width, dtype=torch.float64),
@@ -131,7 +137,7 @@ def build_text_features(encoder: torch.nn.Module, tokenizer: Any, url: str, max_
     return {
         "format": FORMAT,
         "identity": identity,
-        "shard": os.path.abspath(url),
+        "shard": _where(url),
         "texts": texts,
         "feats": torch.cat(feats) if feats else torch.zeros(0, width, dtype=torch.float16),  # (U, Ct)
     }

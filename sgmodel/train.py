@@ -206,7 +206,7 @@ def precision_context(device: torch.device, precision: str):
 
     `precision` is the config's, already one of its choices (sgmodel.config checks them when a config
     is built). A CPU always trains in fp32: few CPUs have fast bf16 matrix units, and fp32 there costs
-    no memory that matters. The bf16 path itself is checked on the CPU by tests/test_precision.py,
+    no memory that matters. The bf16 path itself is checked on the CPU by tests/sgmodel/test_precision.py,
     which runs `train_step` under torch.autocast("cpu", torch.bfloat16) against fp32.
     """
     if device.type == "cuda" and precision == "bf16":

@@ -8,6 +8,7 @@ behind it. docs/data-format.md describes the files; this package holds the code 
 - `files`:   atomic writes (one temporary-name scheme, fsync, rename) and `fsync_dir`
 - `shards`:  the sample-key rule, reading a tar sample by sample, the shard-spec grammar
              (`expand_shards`, `parse_mixture`)
+- `storage`: local paths and object-storage URLs (fsspec), read the same way
 - `samples`: a sample's JSON record, its phrases (`sample_texts`) and the ref each describes (`text_refs`)
 - `rle`:     COCO RLE encode/decode, counts checking, foreground runs without a dense mask
 - `images`:  decoding a stored image (`decode_rgb`)

@@ -109,8 +109,13 @@ def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Non
         f.write(text)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as the index files store it: indented, key-sorted UTF-8 JSON with one trailing newline."""
+    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    return text.encode("utf-8", errors=JSON_TEXT_ERRORS)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """`obj` as indented, key-sorted UTF-8 JSON (one trailing newline) through `atomic_write`."""
-    with atomic_write(path, "w", errors=JSON_TEXT_ERRORS) as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
+    """`obj` as `json_bytes` through `atomic_write`."""
+    with atomic_write(path, "wb") as f:
+        f.write(json_bytes(obj))

@@ -15,6 +15,8 @@ A shard spec (the one grammar of `sgdata inspect SHARDS`, `--shards` and `--trai
                                           the expansion WebDataset uses: every name must exist
             | a file                      one .tar
 
+Every source may also be a URL of object storage (`s3://bucket/shards/train`, `gs://...`; see
+`sgdata.format.storage`): a prefix is listed like a folder, globs and brace patterns match keys.
 Paths come back as strings in a stable order (what WebDataset takes); a shard named twice is read once.
 """
 
@@ -26,11 +28,12 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from braceexpand import braceexpand
 
 from sgdata.format.errors import UserError
+from sgdata.format.storage import filesystem, is_url, local_path, open_shard, reaching
 
 DATASET_CARD = "dataset.json"  # the file that makes a folder a dataset folder
 _WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
@@ -53,13 +56,19 @@ def is_valid_key(key: str) -> bool:
     return bool(key) and "." not in key.rpartition("/")[2]
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(shard: str | Path | IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) per sample, grouping consecutive members as WebDataset does.
 
-    Reads every member fully, so a truncated tar raises (tarfile.ReadError or EOFError).
+    `shard` is a path, a storage URL or an open binary stream. The tar is read once, front to back
+    (tarfile's stream mode), so a remote shard is not fetched twice; every member is read fully, so
+    a truncated tar raises (tarfile.ReadError or EOFError).
     """
+    if isinstance(shard, (str, Path)):
+        with open_shard(shard) as stream:
+            yield from iter_tar_samples(stream)
+        return
     key, files = None, {}
-    with tarfile.open(path, "r:") as tar:
+    with tarfile.open(fileobj=shard, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -109,6 +118,10 @@ def _folder_shards(path: Path) -> list[str]:
 
 
 def _expand_source(part: str) -> list[str]:
+    if is_url(part):
+        with reaching(part):
+            return _expand_url(part)
+    part = local_path(part)
     path = Path(part).expanduser()
     if path.is_dir():
         return _folder_shards(path)
@@ -119,6 +132,33 @@ def _expand_source(part: str) -> list[str]:
     if missing:
         raise UserError(f"shard {missing[0]} does not exist" + (f" (and {len(missing) - 1} more of {part!r})" if len(missing) > 1 else ""))
     return names
+
+
+def _expand_url(part: str) -> list[str]:
+    """The same rules on object storage: a prefix is a folder, globs and brace patterns match keys."""
+    fs, path = filesystem(part)
+    names = list(braceexpand(path)) if "{" in path else [path]
+    if any(ch in path for ch in "*?["):
+        found = sorted(p for name in names for p in fs.glob(name) if p.endswith(".tar"))
+    elif len(names) == 1 and fs.isdir(path):
+        found = _url_folder_shards(fs, path.rstrip("/"))
+    else:
+        missing = [n for n in names if not fs.isfile(n)]
+        if missing:
+            raise UserError(f"shard {fs.unstrip_protocol(missing[0])} does not exist"
+                            + (f" (and {len(missing) - 1} more of {part!r})" if len(missing) > 1 else ""))
+        found = names
+    return [fs.unstrip_protocol(p) for p in found]
+
+
+def _url_folder_shards(fs, path: str) -> list[str]:
+    try:
+        splits = json.loads(fs.cat_file(f"{path}/{DATASET_CARD}")).get("splits", {})
+    except (FileNotFoundError, ValueError, AttributeError):
+        splits = {}
+    if splits:
+        return [t for split in sorted(splits) for t in sorted(fs.glob(f"{path}/{split}/{split}-*.tar"))]
+    return sorted(p for p in fs.find(path) if p.endswith(".tar") and not p.rpartition("/")[2].startswith("."))
 
 
 def _no_match(spec: str) -> UserError:

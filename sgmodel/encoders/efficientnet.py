@@ -107,7 +107,7 @@ class EfficientNetLiteImageEncoder(ImageEncoder):
     # Together with channels-last activations, in-place ReLU6 and padding worked out once per call
     # instead of per layer, this makes feature extraction several times faster on a CPU (the package's
     # layers pad dynamically and run BatchNorm as separate memory-bound passes). Same numbers up to
-    # float rounding; tests/test_model_encoders.py checks the two paths agree.
+    # float rounding; tests/sgmodel/test_model_encoders.py checks the two paths agree.
 
     def _foldable(self) -> bool:
         relu6 = isinstance(self.activation, nn.ReLU6) and all(isinstance(b._swish, nn.ReLU6) for b in self.blocks)

@@ -1,6 +1,11 @@
-"""Where encoder weights come from: local paths, or "package:..." specs naming weights that the demo
-extra installs from the package registry. Nothing is ever downloaded at run time: transformers folders
-load with `local_files_only=True`.
+"""Where encoder weights come from: a local path, a Hugging Face Hub id, or a "package:..." spec naming
+weights that the demo extra installs from the package registry.
+
+A Hub id (`facebook/dino-vits16`, optionally `@revision`) that is not a local folder resolves through
+huggingface_hub's cache (HF_HUB_CACHE, default ~/.cache/huggingface/hub): a cached snapshot is used
+as it is; a missing one is downloaded into the cache, unless HF_HUB_OFFLINE=1 says this machine has
+no network (a cluster's compute nodes often have none): then one sentence says what to download
+and where. The folder that comes back loads like any local folder, with `local_files_only=True`.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -87,11 +93,65 @@ def resolve_package_path(spec: str) -> Path:
     return PACKAGE_SPECS[name]()
 
 
+# org/name[@revision], as the Hub spells repo ids; a spec of this shape that is a local path stays a path
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+# weights of other frameworks: never needed here, often as large as the PyTorch ones
+OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "tf_model*", "flax_model*", "rust_model*",
+                    "onnx/*", "openvino/*", "coreml/*"]
+
+
+def hub_id(spec: str) -> re.Match | None:
+    """The Hub repo id `spec` names, or None when it is a local path (existing or not a repo id's shape)."""
+    if spec.startswith(("package:", ".", "/", "~")) or Path(spec).expanduser().exists():
+        return None
+    return HUB_ID.match(spec)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def resolve_hub_snapshot(spec: str, what: str) -> Path:
+    """A Hub id -> its snapshot folder in huggingface_hub's cache (downloaded first unless offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    m = hub_id(spec)
+    repo, revision = m["repo"], m["revision"]
+    cache = _hub_cache()
+    try:
+        folder = snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=_hub_offline(),
+                                   ignore_patterns=OTHER_FRAMEWORKS)
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"the {what} {spec!r} is neither a local folder nor in the Hugging Face cache {cache} (offline: "
+            f"HF_HUB_OFFLINE is set): download it where there is network with `hf download {repo}"
+            f"{' --revision ' + revision if revision else ''}` into that cache (HF_HUB_CACHE={cache}), "
+            f"or give a local folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise UserError(f"the {what} {spec!r} could not be fetched from the Hugging Face Hub: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return Path(folder)
+
+
 def resolve_weights_path(spec: str, what: str) -> Path:
-    """A config path field (plain path or 'package:...') -> an existing local path, or a one-sentence error."""
-    path = resolve_package_path(spec) if spec.startswith("package:") else Path(spec).expanduser()
+    """A config path field (path, Hub id or 'package:...') -> an existing local path, or a one-sentence error."""
+    if spec.startswith("package:"):
+        path = resolve_package_path(spec)
+    elif hub_id(spec):
+        path = resolve_hub_snapshot(spec, what)
+    else:
+        path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError(f"the {what} weights {spec!r} do not exist on this machine (no downloads are made)")
+        raise UserError(f"the {what} weights {spec!r} do not exist on this machine")
     return path
 
 
@@ -99,12 +159,15 @@ def describe_weights(path: Path, spec: str = "") -> str:
     """Names the weights for the feature-cache key: changes whenever the weights on disk change.
 
     A local path is named by path + total size + newest mtime. Package weights are named by their
-    spec + size: install and unpack times differ between machines while the weights do not.
+    spec + size, Hub weights by repo id + the snapshot's commit + size: install, unpack and download
+    times differ between machines while the weights do not.
     """
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     size = sum(p.stat().st_size for p in files)
     if spec.startswith("package:"):
         return f"{spec}:{size}"
+    if hub_id(spec):
+        return f"hub:{hub_id(spec)['repo']}@{path.name}:{size}"
     mtime = max((int(p.stat().st_mtime) for p in files), default=0)
     return f"{path.resolve()}:{size}:{mtime}"
 

@@ -1,0 +1,1 @@
+"""Tests of the sgdata package: sources, builds, the command line, bad input."""

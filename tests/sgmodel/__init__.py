@@ -1,0 +1,1 @@
+"""Tests of the sgmodel package: model parts, data streams, training, evaluation, the command and the page."""
