@@ -13,9 +13,9 @@ so values flow freely inside regions of one colour and barely across an edge. No
 it is pixel-adaptive mask refinement (PAMR; Araslanov & Roth, "Single-stage semantic segmentation
 from image labels", CVPR 2020), used there on class activation maps for the same reason.
 
-Shapes: images (B, 3, H, W) uint8 or float, maps (T, H, W), text_image_index (T,) -> (T, H, W).
-Each image's affinities are computed once and shared by all its phrases; the neighbours are visited
-one offset at a time, so memory stays at a few maps per phrase whatever the dilations.
+Shapes: images (B, 3, H, W) uint8 or float, maps (T, h, w), text_image_index (T,) -> (T, H, W).
+Each image's affinities are computed once and shared by all its phrases; the neighbours are slices of
+one padded copy, visited one offset at a time, so memory stays at a few maps per phrase.
 """
 
 from __future__ import annotations
@@ -31,21 +31,25 @@ def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
     return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
-def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """x (..., H, W) -> y with y[..., i, j] = x[..., clamp(i + dy), clamp(j + dx)] (edges replicated)."""
+def _neighbours(x: torch.Tensor, offsets: list[tuple[int, int]]):
+    """Views of x (..., H, W) shifted by each (dy, dx), edges replicated: y[..., i, j] = x[..., clamp(i + dy), clamp(j + dx)].
+
+    One replicate-padded copy per call; each neighbour is a slice of it (no per-offset copy).
+    """
     h, w = x.shape[-2:]
-    rows = torch.arange(h, device=x.device).add(dy).clamp(0, h - 1)
-    cols = torch.arange(w, device=x.device).add(dx).clamp(0, w - 1)
-    return x.index_select(-2, rows).index_select(-1, cols)
+    reach = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    lead = x.shape[:-2]
+    padded = F.pad(x.reshape(-1, 1, h, w), (reach, reach, reach, reach), mode="replicate").view(*lead, h + 2 * reach, w + 2 * reach)
+    for dy, dx in offsets:
+        yield padded[..., reach + dy:reach + dy + h, reach + dx:reach + dx + w]
 
 
-def colour_affinity(images: torch.Tensor, dilations: Sequence[int], scale: float = 0.1) -> torch.Tensor:
-    """images (B, 3, H, W) in [0, 1] -> neighbour weights (B, P, H, W), summing to 1 over the P neighbours."""
-    offsets = neighbour_offsets(dilations)
-    neighbours = torch.stack([shifted(images, dy, dx) for dy, dx in offsets], dim=2)  # (B, 3, P, H, W)
-    spread = neighbours.std(dim=2, keepdim=True) + 1e-3  # (B, 3, 1, H, W): local colour spread
-    distance = ((neighbours - images.unsqueeze(2)).abs() / (scale * spread)).mean(dim=1)  # (B, P, H, W)
-    return (-distance).softmax(dim=1)
+def colour_affinity(image: torch.Tensor, dilations: Sequence[int], scale: float = 0.1) -> torch.Tensor:
+    """image (3, H, W) in [0, 1] -> neighbour weights (P, H, W), summing to 1 over the P neighbours."""
+    neighbours = torch.stack(list(_neighbours(image, neighbour_offsets(dilations))), dim=1)  # (3, P, H, W)
+    spread = neighbours.std(dim=1, keepdim=True) + 1e-3  # (3, 1, H, W): local colour spread
+    distance = ((neighbours - image.unsqueeze(1)).abs() / (scale * spread)).mean(dim=0)  # (P, H, W)
+    return (-distance).softmax(dim=0)
 
 
 def refine_maps(maps: torch.Tensor, images: torch.Tensor, text_image_index: torch.Tensor, iterations: int = 10,
@@ -66,11 +70,15 @@ def refine_maps(maps: torch.Tensor, images: torch.Tensor, text_image_index: torc
     if iterations == 0 or refined.shape[0] == 0:
         return refined
     offsets = neighbour_offsets(dilations)
-    affinity = colour_affinity(pixels, dilations)  # (B, P, H, W): per image, shared by its phrases
     index = text_image_index.to(pixels.device)
-    for _ in range(iterations):
-        step = torch.zeros_like(refined)
-        for p, (dy, dx) in enumerate(offsets):
-            step += affinity[index, p] * shifted(refined, dy, dx)  # (T, H, W)
-        refined = step
+    for b in index.unique().tolist():  # an image's affinities once, shared by all its phrases
+        own = (index == b).nonzero().flatten()
+        affinity = colour_affinity(pixels[b], dilations)  # (P, H, W)
+        m = refined[own]  # (t, H, W)
+        for _ in range(iterations):
+            step = torch.zeros_like(m)
+            for p, neighbour in enumerate(_neighbours(m, offsets)):
+                step.addcmul_(affinity[p], neighbour)
+            m = step
+        refined[own] = m
     return refined
