@@ -80,7 +80,10 @@ run_stage build-train   "${SGDATA[@]}" build refcoco --refer-root "$OUT/data/tra
     --dataset synthref --split-by unc --workers 0 --out "$OUT/shards/train"
 run_stage build-heldout "${SGDATA[@]}" build refcoco --refer-root "$OUT/data/heldout" --images "$OUT/data/heldout/images" \
     --dataset synthref --split-by unc --splits val --workers 0 --out "$OUT/shards/heldout"
-run_stage train         "$PY" -m sgmodel.train --config configs/demo.yaml --train-shards "$OUT/shards/train" \
+# One thread for training unless OMP_NUM_THREADS says otherwise: the head is small, and torch's two-thread
+# team stalls whenever another process takes a core (measured: 2.0 s/step with two threads, 0.42 s with one,
+# beside another job on 2 cores; docs/results.md).
+run_stage train         env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m sgmodel.train --config configs/demo.yaml --train-shards "$OUT/shards/train" \
     --out "$OUT/run" --feature-cache "$OUT/features" ${STEPS[@]+"${STEPS[@]}"}
 run_stage evaluate      "$PY" -m sgmodel.evaluate --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
     --out "$OUT/metrics.json" --per-phrase "$OUT/per_phrase.jsonl" --save-overlays "$OVERLAYS" --overlay-dir "$OUT/overlays"

@@ -75,7 +75,10 @@ def duplicate_phrase_mask(texts: list[str], image_texts: list[list[str]], entail
 # Words that compare an entity with others in its own image ("the left one", "the bigger star").
 RELATION_WORDS = frozenset(
     "left right leftmost rightmost bigger larger smaller biggest largest smallest big large small "
-    "top bottom upper lower above below".split()
+    "top bottom upper lower above below "
+    # more English position and size comparisons, so other wordings of the same relations count too
+    "middle center centre higher highest lowest front back behind near nearest closest farther farthest "
+    "furthest next beside between tiny little huge taller tallest shorter shortest wider widest narrower".split()
 )
 # Words that say nothing about which entity is meant: articles, copulas, prepositions and head nouns
 # that fit anything ("the red one", "the red shape", "the only triangle").
