@@ -8,11 +8,12 @@
 #   never trained on; its val split is what gets reported)
 #   -> sgdata build (the same path as RefCOCO) -> python -m sgmodel.train with configs/demo.yaml (frozen
 #   pretrained EfficientNet-Lite0 + MiniLM from the package registry; their features are cached by the
-#   trainer itself) -> evaluate on the held-out val split (+ overlay PNGs) -> the quality benchmark
+#   trainer itself) -> evaluate on the held-out val split (+ overlay PNGs), beside the quality benchmark
 #   (the model against whole-image, centre-box, uniform-slot, top-1-slot and best-slot baselines).
 #
 # Leaves in OUT_DIR: run/checkpoint.pt (the last step; never chosen on masks), metrics.json,
-# quality.json + quality.md, overlays/*.png, logs/<stage>.log, timings.txt.
+# per_phrase.jsonl (one line per held-out phrase), quality.json + quality.md, overlays/*.png,
+# logs/<stage>.log, timings.txt.
 # Knobs (environment): QUICKSTART_STEPS (training steps, default: the config's max_steps),
 # QUICKSTART_TRAIN_IMAGES (2400; every split of seed 0 is trained on), QUICKSTART_HELDOUT_IMAGES (1000: 100 val images), QUICKSTART_OVERLAYS (16).
 set -euo pipefail
@@ -74,26 +75,41 @@ run_stage() {
 # Fresh data each time: sgdata refuses to overwrite a build, and a stale set must not slip in.
 rm -rf "$OUT/data" "$OUT/shards" "$OUT/run" "$OUT/overlays"
 
-run_stage synth-train   "${SGDATA[@]}" synth "$OUT/data/train" --images "$TRAIN_IMAGES" --seed 0
-run_stage synth-heldout "${SGDATA[@]}" synth "$OUT/data/heldout" --images "$HELDOUT_IMAGES" --seed 1
+# The two synthetic sets are drawn side by side (one core each); the held-out one logs to synth-heldout.log.
+synth_sets() {
+    "${SGDATA[@]}" synth "$OUT/data/heldout" --images "$HELDOUT_IMAGES" --seed 1 > "$LOGS/synth-heldout.log" 2>&1 &
+    local heldout=$!
+    "${SGDATA[@]}" synth "$OUT/data/train" --images "$TRAIN_IMAGES" --seed 0 || return $?
+    wait "$heldout" || { echo "synth of the held-out set failed; see $LOGS/synth-heldout.log"; return 1; }
+}
+# Evaluation (metrics.json, per-phrase lines, overlays) beside the quality benchmark, one thread each;
+# the benchmark logs to quality.log.
+score() {
+    OMP_NUM_THREADS=1 "$PY" -m benchmarks.quality --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
+        --out "$OUT/quality.json" --markdown "$OUT/quality.md" > "$LOGS/quality.log" 2>&1 &
+    local quality=$!
+    OMP_NUM_THREADS=1 "$PY" -m sgmodel.evaluate --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
+        --out "$OUT/metrics.json" --per-phrase "$OUT/per_phrase.jsonl" --save-overlays "$OVERLAYS" --overlay-dir "$OUT/overlays" || return $?
+    wait "$quality" || { echo "the quality benchmark failed; see $LOGS/quality.log"; return 1; }
+}
+
+STARTED=$SECONDS
+run_stage synth         synth_sets
 run_stage build-train   "${SGDATA[@]}" build refcoco --refer-root "$OUT/data/train" --images "$OUT/data/train/images" \
     --dataset synthref --split-by unc --workers 0 --out "$OUT/shards/train"
 run_stage build-heldout "${SGDATA[@]}" build refcoco --refer-root "$OUT/data/heldout" --images "$OUT/data/heldout/images" \
     --dataset synthref --split-by unc --splits val --workers 0 --out "$OUT/shards/heldout"
 # One thread for training unless OMP_NUM_THREADS says otherwise: the head is small, and torch's two-thread
-# team stalls whenever another process takes a core (measured: 2.0 s/step with two threads, 0.42 s with one,
-# beside another job on 2 cores; docs/results.md).
+# team stalls whenever another process takes a core (measured beside another job on 2 cores: 2.0 s per
+# step with two threads, 0.42 s with one; docs/results.md).
 run_stage train         env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m sgmodel.train --config configs/demo.yaml --train-shards "$OUT/shards/train" \
     --out "$OUT/run" --feature-cache "$OUT/features" ${STEPS[@]+"${STEPS[@]}"}
-run_stage evaluate      "$PY" -m sgmodel.evaluate --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
-    --out "$OUT/metrics.json" --per-phrase "$OUT/per_phrase.jsonl" --save-overlays "$OVERLAYS" --overlay-dir "$OUT/overlays"
-run_stage quality       "$PY" -m benchmarks.quality --checkpoint "$OUT/run/checkpoint.pt" --shards "$OUT/shards/heldout/val" \
-    --out "$OUT/quality.json" --markdown "$OUT/quality.md"
+run_stage evaluate      score
 
 echo
 echo "== time per stage (s) =="
 cat "$OUT/timings.txt"
-awk '{s += $2} END {printf "%-16s %5ds\n", "total", s}' "$OUT/timings.txt"
+printf '%-16s %5ds\n' "total" $((SECONDS - STARTED))
 echo
 echo "== quality on the held-out val split (seed 1, never trained on) =="
 cat "$OUT/quality.md"
