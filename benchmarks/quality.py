@@ -259,30 +259,36 @@ def watch(run: Path, shards: str, out: Path, until_step: int, batch_size: int, d
 
 
 def plot_curves(run: Path, png: Path, title: str = "") -> None:
-    """Training loss (RUN/log.jsonl) and held-out mIoU, PointM and oracle mIoU (RUN/curve.jsonl) vs step."""
+    """Training losses (RUN/log.jsonl) and, when RUN/curve.jsonl exists (`--watch`), held-out mIoU,
+    PointM and oracle mIoU vs step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    curve = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines() if line.strip()]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    curve_file = run / "curve.jsonl"
+    curve = [json.loads(line) for line in curve_file.read_text().splitlines() if line.strip()] if curve_file.exists() else []
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 6.5, 3.8), squeeze=False)
+    left = axes[0][0]
     steps = [r["step"] for r in log]
-    left.plot(steps, [r["contrastive"] for r in log], label="contrastive")
-    left.plot(steps, [r["reconstruction"] for r in log], label="reconstruction")
-    left.plot(steps, [r["accuracy"] for r in log], label="contrastive accuracy (train)")
+    for key, label in (("contrastive", "contrastive"), ("reconstruction", "reconstruction"),
+                       ("coreference", "co-reference"), ("accuracy", "contrastive accuracy (train)")):
+        if any(r.get(key) is not None for r in log):
+            left.plot(steps, [r.get(key) for r in log], label=label)
     left.set_xlabel("step")
     left.set_title("training losses")
     left.legend(fontsize=8)
-    steps = [p["step"] for p in curve]
-    for name, key, style in (("model", "mIoU", "-o"), ("model", "PointM", "--o"), ("best-slot oracle", "mIoU", ":o"),
-                             ("top-1 slot", "mIoU", "-."), ("centre prior", "mIoU", "-"), ("whole image", "mIoU", "-")):
-        right.plot(steps, [p[name][key] for p in curve], style, label=f"{name} {key}", markersize=3)
-    right.set_ylim(0, 1)
-    right.set_xlabel("step")
-    right.set_title("held-out val (a seed never trained on)")
-    right.legend(fontsize=8)
+    if curve:
+        right = axes[0][1]
+        steps = [p["step"] for p in curve]
+        for name, key, style in (("model", "mIoU", "-o"), ("model", "PointM", "--o"), ("best-slot oracle", "mIoU", ":o"),
+                                 ("top-1 slot", "mIoU", "-."), ("centre prior", "mIoU", "-"), ("whole image", "mIoU", "-")):
+            right.plot(steps, [p[name][key] for p in curve], style, label=f"{name} {key}", markersize=3)
+        right.set_ylim(0, 1)
+        right.set_xlabel("step")
+        right.set_title("held-out val (a seed never trained on)")
+        right.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
