@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quickstart: watch Shatter-and-Gather learn to segment from phrases alone, on a CPU, in about 11 minutes (15 at most)
+# The quickstart: watch Shatter-and-Gather learn to segment from phrases alone, on a CPU, in about 13 minutes (15 at most)
 # on 2 free cores (docs/results.md has the stage times).
 #
 #   bash pipelines/quickstart.sh [OUT_DIR]        (default runs/quickstart; needs `pip install -e .[demo]`)
