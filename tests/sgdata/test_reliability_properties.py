@@ -32,19 +32,10 @@ from sgdata.sources.base import StoredImage
 from sgdata.sources.caption_folder import parse_caption_file
 from sgdata.sources.captions import plan_captions
 from sgdata.sources.refer_sample import dumps_sample, finalize
+from tests.helpers.transpose import NUMPY_TRANSPOSE
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-# numpy equivalents of PIL's Image.Transpose ops 0..6 (the same table as test_sgdata_sources.py)
-NUMPY_TRANSPOSE = {
-    0: lambda m: m[:, ::-1],
-    1: lambda m: m[::-1, :],
-    2: lambda m: np.rot90(m, 1),
-    3: lambda m: np.rot90(m, 2),
-    4: lambda m: np.rot90(m, -1),
-    5: lambda m: m.T,
-    6: lambda m: np.rot90(m, 2).T,
-}
 SWAPS_AXES = {2, 4, 5, 6}
 
 bool_masks = arrays(np.bool_, st.tuples(st.integers(1, 20), st.integers(1, 20)))

@@ -25,6 +25,7 @@ from sgdata.refer import load_instances, load_refs
 from sgdata.samples import SampleOptions, make_sample
 from sgdata.sources.refcoco import finalize, plan_refcoco
 from tests.helpers.refer_fixture import FAULT_KINDS, make_refer_fixture
+from tests.helpers.transpose import NUMPY_TRANSPOSE
 
 
 # ----------------------------------------------------------------------------- helpers (independent of sgdata)
@@ -45,16 +46,6 @@ def nearest_resize(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask[rows][:, cols]
 
 
-# numpy equivalents of the PIL transpose ops (0..6)
-NUMPY_TRANSPOSE = {
-    0: lambda m: m[:, ::-1],
-    1: lambda m: m[::-1, :],
-    2: lambda m: np.rot90(m, 1),
-    3: lambda m: np.rot90(m, 2),
-    4: lambda m: np.rot90(m, -1),
-    5: lambda m: m.T,
-    6: lambda m: np.rot90(m, 2).T,
-}
 
 
 def expected_text(sentence: dict) -> str:
