@@ -23,11 +23,6 @@ from sgdata.format.storage import open_shard
 from sgmodel.data import batched, image_to_tensor, tar_samples
 
 
-def eval_phrases(sample_json: dict) -> list[tuple[str, dict]]:
-    """(phrase, mask RLE) pairs of a referring sample: one per sentence, with its ref's mask."""
-    return [(text, mask) for text, mask, _ in eval_phrase_refs(sample_json)]
-
-
 def eval_phrase_refs(sample_json: dict) -> list[tuple[str, dict, Any]]:
     """(phrase, mask RLE, ref_id) of a referring sample: one per sentence (ref_id None when not stored)."""
     return [

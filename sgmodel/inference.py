@@ -5,6 +5,10 @@
     -> min-max normalisation, then > threshold (0.5)                  cut_levels, threshold_maps
     = predict_masks (dense bool masks, for predict and overlays)
 
+With `refine_iterations` > 0 the model adds one step before these (ShatterAndGather.infer): the map is
+upsampled to the input size with `upsample_group`, normalised and refined along the image's edges
+(sgmodel/refine.py); the steps above then take that map instead of the token-grid one.
+
 and its run-length form for the metrics, `predicted_runs`: the same rule as sorted on/off edges down
 each pixel column, never H x W pixels. Bilinear upsampling is separable: interpolating the (h, w) grid
 along x to every pixel column gives h "knots" per column, and the column's response along y is the

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sgmodel.inference import upsample_group
+
 
 def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
     """The 8 neighbours of a 3x3 window at each dilation, as (dy, dx)."""
@@ -63,7 +65,7 @@ def refine_maps(maps: torch.Tensor, images: torch.Tensor, text_image_index: torc
     if images.dtype == torch.uint8:
         pixels = pixels / 255.0
     size = tuple(pixels.shape[-2:])
-    up = F.interpolate(maps.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)  # (T, H, W)
+    up = upsample_group(maps, size)  # (T, H, W): the prediction rule's own upsampling step
     low = up.flatten(1).amin(dim=1).view(-1, 1, 1)
     high = up.flatten(1).amax(dim=1).view(-1, 1, 1)
     refined = (up - low) / (high - low).clamp(min=1e-12)

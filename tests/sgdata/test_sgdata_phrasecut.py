@@ -130,7 +130,7 @@ def test_unusable_input_is_one_sentence(tmp_path, damage, message):
 
 def test_evaluation_reads_phrasecut_shards(built, tmp_path):
     from sgmodel import evaluate as evaluate_module
-    from sgmodel.eval_data import eval_phrases
+    from sgmodel.eval_data import eval_phrase_refs
     from sgmodel.metrics import MetricAccumulator
     from sgmodel.train import main as train_main
 
@@ -149,6 +149,6 @@ def test_evaluation_reads_phrasecut_shards(built, tmp_path):
                        "--out", str(run), "--max-steps", "2", "--batch-size", "2"]) == 0
     record = evaluate_module.evaluate(str(run / "checkpoint.pt"), str(out / "val"), batch_size=2)
     docs = {json.dumps(doc, sort_keys=True): doc for doc, _ in refs.values() if doc["split"] == "val"}
-    assert record["count"] == sum(len(eval_phrases(doc)) for doc in docs.values()) == len(val) == 3
+    assert record["count"] == sum(len(eval_phrase_refs(doc)) for doc in docs.values()) == len(val) == 3
     assert record["split"] == "val"
     assert all(0.0 <= value <= 1.0 for value in record["metrics"].values())

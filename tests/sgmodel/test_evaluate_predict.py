@@ -12,7 +12,7 @@ from PIL import Image
 
 from sgmodel import evaluate as evaluate_module
 from sgmodel import predict as predict_module
-from sgmodel.eval_data import eval_phrases
+from sgmodel.eval_data import eval_phrase_refs
 from sgdata.format import rle_to_mask
 from tests.helpers.shards import write_shards
 
@@ -78,7 +78,7 @@ def test_evaluate_agrees_with_a_per_phrase_computation_through_predict(trained, 
     for i, (jpg, meta) in enumerate(_samples(trained["val"][0])):
         image_path = tmp_path / f"s{i}.png"
         Image.open(io.BytesIO(jpg)).save(image_path)  # lossless copy of the decoded pixels
-        phrases = eval_phrases(meta)
+        phrases = [(text, mask) for text, mask, _ in eval_phrase_refs(meta)]
         _, masks = predict_module.predict(trained["checkpoint"], str(image_path), [t for t, _ in phrases])
         for mask, (_, rle) in zip(masks, phrases):
             truth = rle_to_mask(rle)
